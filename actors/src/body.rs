@@ -76,14 +76,10 @@ pub struct ActionChoice {
 fn check_len(field: &str, value: &str, max_chars: usize) -> Result<(), Rejection> {
     let n = value.chars().count();
     if n == 0 {
-        return Err(Rejection::bad_request(format!(
-            "body.{field} must not be empty"
-        )));
+        return Err(Rejection::bad_request(format!("body.{field} must not be empty")));
     }
     if n > max_chars {
-        return Err(Rejection::bad_request(format!(
-            "body.{field} has {n} characters, the limit is {max_chars}"
-        )));
+        return Err(Rejection::bad_request(format!("body.{field} has {n} characters, the limit is {max_chars}")));
     }
     Ok(())
 }
@@ -111,11 +107,7 @@ impl Body {
                 }
             }
             Body::Voice { url, .. } | Body::Video { url, .. } => check_url(url)?,
-            Body::Location {
-                lat,
-                lng,
-                accuracy_m,
-            } => {
+            Body::Location { lat, lng, accuracy_m } => {
                 if !lat.is_finite() || !(-90.0..=90.0).contains(lat) {
                     return Err(Rejection::bad_request("body.lat must be within -90..90"));
                 }
@@ -125,9 +117,7 @@ impl Body {
                 if let Some(a) = accuracy_m
                     && (!a.is_finite() || *a < 0.0)
                 {
-                    return Err(Rejection::bad_request(
-                        "body.accuracy_m must be a non-negative number",
-                    ));
+                    return Err(Rejection::bad_request("body.accuracy_m must be a non-negative number"));
                 }
             }
             Body::File { url, name, .. } => {
@@ -137,19 +127,14 @@ impl Body {
             Body::Action { prompt, choices } => {
                 check_len("prompt", prompt, limits.max_text_chars)?;
                 if choices.is_empty() || choices.len() > MAX_CHOICES {
-                    return Err(Rejection::bad_request(format!(
-                        "body.choices must have 1..{MAX_CHOICES} entries"
-                    )));
+                    return Err(Rejection::bad_request(format!("body.choices must have 1..{MAX_CHOICES} entries")));
                 }
                 for c in choices {
                     check_len("choices[].id", &c.id, crate::ids::MAX_ID_LEN)?;
                     check_len("choices[].label", &c.label, MAX_LABEL_CHARS)?;
                 }
             }
-            Body::Choice {
-                reply_to: r,
-                choice,
-            } => {
+            Body::Choice { reply_to: r, choice } => {
                 if *r == 0 {
                     return Err(Rejection::bad_request("body.reply_to must be a seq >= 1"));
                 }
@@ -158,10 +143,7 @@ impl Body {
             }
         }
         let json = serde_json::to_string(&self).expect("a Body always serializes");
-        Ok(MessageBody {
-            json: Arc::from(json),
-            reply_to,
-        })
+        Ok(MessageBody { json: Arc::from(json), reply_to })
     }
 }
 
@@ -183,15 +165,8 @@ impl MessageBody {
             #[serde(flatten)]
             event: &'a SystemEvent,
         }
-        let json = serde_json::to_string(&Tagged {
-            kind: "system",
-            event,
-        })
-        .expect("a SystemEvent always serializes");
-        MessageBody {
-            json: Arc::from(json),
-            reply_to: None,
-        }
+        let json = serde_json::to_string(&Tagged { kind: "system", event }).expect("a SystemEvent always serializes");
+        MessageBody { json: Arc::from(json), reply_to: None }
     }
 }
 
@@ -199,39 +174,14 @@ impl MessageBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum SystemEvent {
-    GroupOpened {
-        by: UserId,
-        members: Vec<MemberSpec>,
-    },
-    MemberJoined {
-        user: UserId,
-        role: MemberRole,
-        by: UserId,
-    },
-    MemberRemoved {
-        user: UserId,
-        by: UserId,
-    },
-    MemberLeft {
-        user: UserId,
-    },
-    GroupClosed {
-        resolution: String,
-        by: UserId,
-    },
-    ReceiptOverdue {
-        seq: Seq,
-        pending: Vec<UserId>,
-    },
-    TicketLinked {
-        ticket: TicketId,
-        category: String,
-        state: String,
-    },
-    TicketChanged {
-        ticket: TicketId,
-        state: String,
-    },
+    GroupOpened { by: UserId, members: Vec<MemberSpec> },
+    MemberJoined { user: UserId, role: MemberRole, by: UserId },
+    MemberRemoved { user: UserId, by: UserId },
+    MemberLeft { user: UserId },
+    GroupClosed { resolution: String, by: UserId },
+    ReceiptOverdue { seq: Seq, pending: Vec<UserId> },
+    TicketLinked { ticket: TicketId, category: String, state: String },
+    TicketChanged { ticket: TicketId, state: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,8 +197,7 @@ mod tests {
     const LIMITS: BodyLimits = BodyLimits { max_text_chars: 10 };
 
     fn parse(json: &str) -> Result<MessageBody, Rejection> {
-        let body: Body =
-            serde_json::from_str(json).map_err(|e| Rejection::bad_request(e.to_string()))?;
+        let body: Body = serde_json::from_str(json).map_err(|e| Rejection::bad_request(e.to_string()))?;
         body.validate(&LIMITS)
     }
 
@@ -290,12 +239,7 @@ mod tests {
 
     #[test]
     fn system_bodies_are_tagged_twice() {
-        let body = MessageBody::system(&SystemEvent::MemberLeft {
-            user: UserId::parse("u1").unwrap(),
-        });
-        assert_eq!(
-            &*body.json,
-            r#"{"type":"system","event":"member_left","user":"u1"}"#
-        );
+        let body = MessageBody::system(&SystemEvent::MemberLeft { user: UserId::parse("u1").unwrap() });
+        assert_eq!(&*body.json, r#"{"type":"system","event":"member_left","user":"u1"}"#);
     }
 }

@@ -7,9 +7,7 @@ use crate::error::Rejection;
 use crate::ids::{GroupId, SkillGroup, TicketId, UserId};
 
 /// Milliseconds since the Unix epoch, as stamped by the leader that proposed a command.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -46,25 +44,13 @@ pub struct Applied<R, E> {
 
 impl<R, E> Applied<R, E> {
     pub fn rejected(r: Rejection) -> Self {
-        Applied {
-            reply: Err(r),
-            effects: Vec::new(),
-            state_changed: false,
-        }
+        Applied { reply: Err(r), effects: Vec::new(), state_changed: false }
     }
     pub fn unchanged(reply: R) -> Self {
-        Applied {
-            reply: Ok(reply),
-            effects: Vec::new(),
-            state_changed: false,
-        }
+        Applied { reply: Ok(reply), effects: Vec::new(), state_changed: false }
     }
     pub fn changed(reply: R, effects: Vec<E>) -> Self {
-        Applied {
-            reply: Ok(reply),
-            effects,
-            state_changed: true,
-        }
+        Applied { reply: Ok(reply), effects, state_changed: true }
     }
 }
 
@@ -88,14 +74,9 @@ impl EntityKind {
     }
 
     pub fn parse(s: &str) -> Option<EntityKind> {
-        [
-            EntityKind::Group,
-            EntityKind::User,
-            EntityKind::Ticket,
-            EntityKind::SkillQueue,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
+        [EntityKind::Group, EntityKind::User, EntityKind::Ticket, EntityKind::SkillQueue]
+            .into_iter()
+            .find(|k| k.as_str() == s)
     }
 }
 

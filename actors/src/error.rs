@@ -63,10 +63,7 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -89,10 +86,7 @@ mod tests {
     #[test]
     fn wire_names_match_as_str() {
         for code in ErrorCode::ALL {
-            assert_eq!(
-                serde_json::to_string(&code).unwrap(),
-                format!("\"{}\"", code.as_str())
-            );
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
         }
     }
 }

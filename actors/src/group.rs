@@ -53,10 +53,7 @@ pub enum MemberRole {
 impl MemberRole {
     /// Owners, agents and dispatchers may invite, remove and close.
     pub fn manages(self) -> bool {
-        matches!(
-            self,
-            MemberRole::Owner | MemberRole::Agent | MemberRole::Dispatcher
-        )
+        matches!(self, MemberRole::Owner | MemberRole::Agent | MemberRole::Dispatcher)
     }
 }
 
@@ -123,11 +120,7 @@ pub struct Entry {
 /// What `apply` needs from the group's stored log.
 pub trait GroupLog {
     /// The seq and timestamp already assigned to (sender, client_msg_id) in this group.
-    fn find_client_msg(
-        &self,
-        sender: &UserId,
-        id: &ClientMsgId,
-    ) -> Result<Option<(Seq, Timestamp)>, StorageFault>;
+    fn find_client_msg(&self, sender: &UserId, id: &ClientMsgId) -> Result<Option<(Seq, Timestamp)>, StorageFault>;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -279,10 +272,7 @@ fn system_user() -> UserId {
 }
 
 /// Members, then admins, may read a group. Nobody else learns whether it exists.
-pub fn authorize_read<'a>(
-    state: Option<&'a GroupState>,
-    caller: &Caller,
-) -> Result<&'a GroupState, Rejection> {
+pub fn authorize_read<'a>(state: Option<&'a GroupState>, caller: &Caller) -> Result<&'a GroupState, Rejection> {
     match state {
         Some(s) if caller.admin || s.members.contains_key(&caller.user) => Ok(s),
         _ => Err(not_a_member()),
@@ -312,11 +302,7 @@ impl GroupState {
             members: self
                 .members
                 .iter()
-                .map(|(user, m)| MemberInfo {
-                    user: user.clone(),
-                    role: m.role,
-                    read_seq: m.read_seq,
-                })
+                .map(|(user, m)| MemberInfo { user: user.clone(), role: m.role, read_seq: m.read_seq })
                 .collect(),
             last_seq: self.last_seq,
         }
@@ -337,10 +323,7 @@ impl GroupState {
     }
 
     pub fn receipts(&self, seq: Seq, sender: Option<&UserId>) -> Receipts {
-        let mut r = Receipts {
-            read_by: Vec::new(),
-            pending: Vec::new(),
-        };
+        let mut r = Receipts { read_by: Vec::new(), pending: Vec::new() };
         for (user, m) in &self.members {
             if Some(user) == sender {
                 continue;
@@ -389,23 +372,10 @@ impl GroupState {
         require_receipt: bool,
     ) -> Entry {
         self.last_seq += 1;
-        Entry {
-            seq: self.last_seq,
-            from,
-            ts: at,
-            client_msg_id,
-            body,
-            require_receipt,
-        }
+        Entry { seq: self.last_seq, from, ts: at, client_msg_id, body, require_receipt }
     }
 
-    fn append_system(
-        &mut self,
-        by: UserId,
-        at: Timestamp,
-        event: &SystemEvent,
-        out: &mut Vec<GroupEffect>,
-    ) -> Seq {
+    fn append_system(&mut self, by: UserId, at: Timestamp, event: &SystemEvent, out: &mut Vec<GroupEffect>) -> Seq {
         let entry = self.append(by, at, None, MessageBody::system(event), false);
         let seq = entry.seq;
         out.push(GroupEffect::Append(entry));
@@ -418,18 +388,12 @@ impl GroupState {
         let settled: Vec<Seq> = self
             .receipt_watches
             .iter()
-            .filter(|(seq, w)| {
-                members
-                    .iter()
-                    .all(|(u, m)| *u == w.from || m.read_seq >= **seq)
-            })
+            .filter(|(seq, w)| members.iter().all(|(u, m)| *u == w.from || m.read_seq >= **seq))
             .map(|(seq, _)| *seq)
             .collect();
         for seq in settled {
             self.receipt_watches.remove(&seq);
-            out.push(GroupEffect::TimerCleared {
-                timer: GroupTimer::ReceiptOverdue { seq },
-            });
+            out.push(GroupEffect::TimerCleared { timer: GroupTimer::ReceiptOverdue { seq } });
         }
     }
 
@@ -440,9 +404,7 @@ impl GroupState {
         let Some(s) = state else {
             return match cmd {
                 GroupCommand::Open(open) => check_open(open),
-                GroupCommand::Fire(_) | GroupCommand::Note { .. } => {
-                    Err(Rejection::not_found("no such group"))
-                }
+                GroupCommand::Fire(_) | GroupCommand::Note { .. } => Err(Rejection::not_found("no such group")),
                 _ => Err(not_a_member()),
             };
         };
@@ -459,15 +421,9 @@ impl GroupState {
                 s.open_check()?;
                 match s.members.get(user) {
                     Some(m) if m.role == *role => Ok(()),
-                    Some(m) => Err(Rejection::conflict(format!(
-                        "{user} is already a member as {:?}",
-                        m.role
-                    ))),
+                    Some(m) => Err(Rejection::conflict(format!("{user} is already a member as {:?}", m.role))),
                     None if s.members.len() as u32 >= s.limits.max_members => {
-                        Err(Rejection::conflict(format!(
-                            "the group is full ({} members)",
-                            s.limits.max_members
-                        )))
+                        Err(Rejection::conflict(format!("the group is full ({} members)", s.limits.max_members)))
                     }
                     None => Ok(()),
                 }
@@ -476,9 +432,7 @@ impl GroupState {
                 s.manager_check(by)?;
                 s.open_check()?;
                 if *user == s.opener {
-                    return Err(Rejection::conflict(
-                        "the owner cannot be removed; the owner may leave",
-                    ));
+                    return Err(Rejection::conflict("the owner cannot be removed; the owner may leave"));
                 }
                 Ok(())
             }
@@ -502,9 +456,7 @@ impl GroupState {
                         s.last_seq
                     )));
                 }
-                if send.require_receipt
-                    && s.receipt_watches.len() as u32 >= s.limits.max_receipt_watches
-                {
+                if send.require_receipt && s.receipt_watches.len() as u32 >= s.limits.max_receipt_watches {
                     return Err(Rejection::conflict(format!(
                         "{} messages already wait for receipts in this group",
                         s.limits.max_receipt_watches
@@ -544,10 +496,7 @@ impl GroupState {
                 unreachable!("check() lets only Open through for a missing group")
             };
             *state = Some(Self::open(open, at, &mut effects));
-            return Ok(Applied::changed(
-                GroupReply::Opened { created: true },
-                effects,
-            ));
+            return Ok(Applied::changed(GroupReply::Opened { created: true }, effects));
         };
         let reply = match cmd {
             GroupCommand::Open(_) => {
@@ -562,11 +511,7 @@ impl GroupState {
                 s.append_system(
                     by.user.clone(),
                     at,
-                    &SystemEvent::MemberJoined {
-                        user,
-                        role,
-                        by: by.user,
-                    },
+                    &SystemEvent::MemberJoined { user, role, by: by.user },
                     &mut effects,
                 );
                 GroupReply::Updated { changed: true }
@@ -579,10 +524,7 @@ impl GroupState {
                 s.append_system(
                     by.user.clone(),
                     at,
-                    &SystemEvent::MemberRemoved {
-                        user: user.clone(),
-                        by: by.user,
-                    },
+                    &SystemEvent::MemberRemoved { user: user.clone(), by: by.user },
                     &mut effects,
                 );
                 s.members.remove(&user);
@@ -591,12 +533,7 @@ impl GroupState {
                 GroupReply::Updated { changed: true }
             }
             GroupCommand::Leave { user } => {
-                s.append_system(
-                    user.clone(),
-                    at,
-                    &SystemEvent::MemberLeft { user: user.clone() },
-                    &mut effects,
-                );
+                s.append_system(user.clone(), at, &SystemEvent::MemberLeft { user: user.clone() }, &mut effects);
                 s.members.remove(&user);
                 effects.push(GroupEffect::MemberGone { user });
                 s.settle_watches(&mut effects);
@@ -609,38 +546,21 @@ impl GroupState {
                 s.append_system(
                     by.user.clone(),
                     at,
-                    &SystemEvent::GroupClosed {
-                        resolution: resolution.clone(),
-                        by: by.user,
-                    },
+                    &SystemEvent::GroupClosed { resolution: resolution.clone(), by: by.user },
                     &mut effects,
                 );
                 s.lifecycle = Lifecycle::Closed { resolution };
                 for seq in std::mem::take(&mut s.receipt_watches).into_keys() {
-                    effects.push(GroupEffect::TimerCleared {
-                        timer: GroupTimer::ReceiptOverdue { seq },
-                    });
+                    effects.push(GroupEffect::TimerCleared { timer: GroupTimer::ReceiptOverdue { seq } });
                 }
                 GroupReply::Updated { changed: true }
             }
             GroupCommand::Send(send) => {
-                if let Some((seq, ts)) =
-                    log.find_client_msg(&send.from.user, &send.client_msg_id)?
-                {
-                    return Ok(Applied::unchanged(GroupReply::Sent {
-                        seq,
-                        ts,
-                        duplicate: true,
-                    }));
+                if let Some((seq, ts)) = log.find_client_msg(&send.from.user, &send.client_msg_id)? {
+                    return Ok(Applied::unchanged(GroupReply::Sent { seq, ts, duplicate: true }));
                 }
                 let sender = send.from.user;
-                let entry = s.append(
-                    sender.clone(),
-                    at,
-                    Some(send.client_msg_id),
-                    send.body,
-                    send.require_receipt,
-                );
+                let entry = s.append(sender.clone(), at, Some(send.client_msg_id), send.body, send.require_receipt);
                 let seq = entry.seq;
                 effects.push(GroupEffect::Append(entry));
                 // The sender has read what they wrote; no receipt event for that.
@@ -650,34 +570,18 @@ impl GroupState {
                 let others_exist = s.members.keys().any(|u| *u != sender);
                 if send.require_receipt && others_exist {
                     let due = at.plus_millis(send.receipt_timeout_ms);
-                    s.receipt_watches
-                        .insert(seq, ReceiptWatch { from: sender, due });
-                    effects.push(GroupEffect::TimerSet {
-                        timer: GroupTimer::ReceiptOverdue { seq },
-                        due,
-                    });
+                    s.receipt_watches.insert(seq, ReceiptWatch { from: sender, due });
+                    effects.push(GroupEffect::TimerSet { timer: GroupTimer::ReceiptOverdue { seq }, due });
                 }
-                GroupReply::Sent {
-                    seq,
-                    ts: at,
-                    duplicate: false,
-                }
+                GroupReply::Sent { seq, ts: at, duplicate: false }
             }
             GroupCommand::MarkRead { user, seq } => {
-                let m = s
-                    .members
-                    .get_mut(&user)
-                    .expect("check() ensured membership");
+                let m = s.members.get_mut(&user).expect("check() ensured membership");
                 if seq <= m.read_seq {
-                    return Ok(Applied::unchanged(GroupReply::Read {
-                        read_seq: m.read_seq,
-                    }));
+                    return Ok(Applied::unchanged(GroupReply::Read { read_seq: m.read_seq }));
                 }
                 m.read_seq = seq;
-                effects.push(GroupEffect::ReadMoved {
-                    user,
-                    read_seq: seq,
-                });
+                effects.push(GroupEffect::ReadMoved { user, read_seq: seq });
                 s.settle_watches(&mut effects);
                 GroupReply::Read { read_seq: seq }
             }
@@ -690,18 +594,13 @@ impl GroupState {
                     return Ok(Applied::unchanged(GroupReply::Fired));
                 }
                 let watch = s.receipt_watches.remove(&seq).expect("just looked up");
-                effects.push(GroupEffect::TimerCleared {
-                    timer: GroupTimer::ReceiptOverdue { seq },
-                });
+                effects.push(GroupEffect::TimerCleared { timer: GroupTimer::ReceiptOverdue { seq } });
                 let pending = s.receipts(seq, Some(&watch.from)).pending;
                 if !pending.is_empty() {
                     s.append_system(
                         system_user(),
                         at,
-                        &SystemEvent::ReceiptOverdue {
-                            seq,
-                            pending: pending.clone(),
-                        },
+                        &SystemEvent::ReceiptOverdue { seq, pending: pending.clone() },
                         &mut effects,
                     );
                     effects.push(GroupEffect::ReceiptOverdue { seq, pending });
@@ -719,18 +618,9 @@ impl GroupState {
     fn open(open: OpenGroup, at: Timestamp, effects: &mut Vec<GroupEffect>) -> GroupState {
         let opener = open.opener.user;
         let mut members = BTreeMap::new();
-        members.insert(
-            opener.clone(),
-            Member {
-                role: MemberRole::Owner,
-                read_seq: 0,
-            },
-        );
+        members.insert(opener.clone(), Member { role: MemberRole::Owner, read_seq: 0 });
         for spec in &open.members {
-            members.entry(spec.user.clone()).or_insert(Member {
-                role: spec.role,
-                read_seq: 0,
-            });
+            members.entry(spec.user.clone()).or_insert(Member { role: spec.role, read_seq: 0 });
         }
         let mut s = GroupState {
             kind: open.kind,
@@ -745,26 +635,11 @@ impl GroupState {
             receipt_watches: BTreeMap::new(),
             limits: open.limits,
         };
-        let listed = s
-            .members
-            .iter()
-            .map(|(user, m)| MemberSpec {
-                user: user.clone(),
-                role: m.role,
-            })
-            .collect();
+        let listed = s.members.iter().map(|(user, m)| MemberSpec { user: user.clone(), role: m.role }).collect();
         for user in s.members.keys() {
             effects.push(GroupEffect::MemberAdded { user: user.clone() });
         }
-        s.append_system(
-            opener.clone(),
-            at,
-            &SystemEvent::GroupOpened {
-                by: opener,
-                members: listed,
-            },
-            effects,
-        );
+        s.append_system(opener.clone(), at, &SystemEvent::GroupOpened { by: opener, members: listed }, effects);
         s
     }
 }
@@ -775,18 +650,13 @@ pub const MAX_RESOLUTION_CHARS: usize = 2000;
 /// Shape checks for `group.open` that need no state.
 pub fn check_open(open: &OpenGroup) -> Result<(), Rejection> {
     if open.title.chars().count() > MAX_TITLE_CHARS {
-        return Err(Rejection::bad_request(format!(
-            "title is longer than {MAX_TITLE_CHARS} characters"
-        )));
+        return Err(Rejection::bad_request(format!("title is longer than {MAX_TITLE_CHARS} characters")));
     }
     if let Some(o) = &open.order_id {
-        crate::ids::validate_id("order_id", o)
-            .map_err(|e| Rejection::bad_request(e.to_string()))?;
+        crate::ids::validate_id("order_id", o).map_err(|e| Rejection::bad_request(e.to_string()))?;
     }
     if open.kind == GroupKind::Chat && open.exception_type.is_some() {
-        return Err(Rejection::bad_request(
-            "exception_type is only for groups of kind exception",
-        ));
+        return Err(Rejection::bad_request("exception_type is only for groups of kind exception"));
     }
     let mut distinct: Vec<&UserId> = open.members.iter().map(|m| &m.user).collect();
     distinct.push(&open.opener.user);
@@ -819,8 +689,7 @@ pub fn joining_users(cmd: &GroupCommand) -> Vec<UserId> {
 
 /// The id a server-assigned group gets: unique without coordination.
 pub fn assigned_group_id(node_tag: &str, counter: u64, at: Timestamp) -> GroupId {
-    GroupId::parse(&format!("g-{}-{node_tag}-{counter}", at.0))
-        .expect("generated ids use the id grammar")
+    GroupId::parse(&format!("g-{}-{node_tag}-{counter}", at.0)).expect("generated ids use the id grammar")
 }
 
 #[cfg(test)]

@@ -21,15 +21,9 @@ pub enum IdError {
 /// Checks the protocol's id grammar: 1..64 chars of `[A-Za-z0-9_.:-]`.
 pub fn validate_id(what: &'static str, s: &str) -> Result<(), IdError> {
     if s.is_empty() || s.len() > MAX_ID_LEN {
-        return Err(IdError::Length {
-            what,
-            len: s.chars().count(),
-        });
+        return Err(IdError::Length { what, len: s.chars().count() });
     }
-    if let Some(found) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-    {
+    if let Some(found) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))) {
         return Err(IdError::Charset { what, found });
     }
     Ok(())
@@ -140,9 +134,6 @@ mod tests {
     fn deserialization_validates() {
         assert!(serde_json::from_str::<UserId>("\"ok-1\"").is_ok());
         let err = serde_json::from_str::<UserId>("\"no spaces\"").unwrap_err();
-        assert!(
-            err.to_string().contains("user id may only contain"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("user id may only contain"), "{err}");
     }
 }

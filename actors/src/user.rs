@@ -45,9 +45,7 @@ impl UserState {
                 let listed = s.is_some_and(|g| g.contains(group));
                 let count = s.map_or(0, |g| g.len());
                 if !listed && count as u32 >= *max_groups {
-                    return Err(Rejection::conflict(format!(
-                        "the user is already in {max_groups} groups, the limit"
-                    )));
+                    return Err(Rejection::conflict(format!("the user is already in {max_groups} groups, the limit")));
                 }
                 Ok(())
             }
@@ -83,24 +81,12 @@ mod tests {
     #[test]
     fn join_is_idempotent_and_bounded() {
         let mut s = None;
-        let join = |group: &str| UserCommand::Join {
-            group: g(group),
-            max_groups: 2,
-        };
-        assert_eq!(
-            UserState::apply(&mut s, join("a")).reply,
-            Ok(UserReply::Updated { changed: true })
-        );
-        assert_eq!(
-            UserState::apply(&mut s, join("a")).reply,
-            Ok(UserReply::Updated { changed: false })
-        );
+        let join = |group: &str| UserCommand::Join { group: g(group), max_groups: 2 };
+        assert_eq!(UserState::apply(&mut s, join("a")).reply, Ok(UserReply::Updated { changed: true }));
+        assert_eq!(UserState::apply(&mut s, join("a")).reply, Ok(UserReply::Updated { changed: false }));
         assert!(UserState::apply(&mut s, join("b")).reply.is_ok());
         let full = UserState::apply(&mut s, join("c"));
-        assert_eq!(
-            full.reply.unwrap_err().code,
-            crate::error::ErrorCode::Conflict
-        );
+        assert_eq!(full.reply.unwrap_err().code, crate::error::ErrorCode::Conflict);
         assert!(!full.state_changed);
         // Re-joining a listed group never trips the limit.
         assert!(UserState::apply(&mut s, join("b")).reply.is_ok());

@@ -15,16 +15,8 @@ struct MemLog {
 }
 
 impl GroupLog for MemLog {
-    fn find_client_msg(
-        &self,
-        sender: &UserId,
-        id: &ClientMsgId,
-    ) -> Result<Option<(Seq, Timestamp)>, StorageFault> {
-        Ok(self
-            .dedupe
-            .borrow()
-            .get(&(sender.clone(), id.clone()))
-            .copied())
+    fn find_client_msg(&self, sender: &UserId, id: &ClientMsgId) -> Result<Option<(Seq, Timestamp)>, StorageFault> {
+        Ok(self.dedupe.borrow().get(&(sender.clone(), id.clone())).copied())
     }
 }
 
@@ -34,35 +26,21 @@ struct Harness {
     now: u64,
 }
 
-const LIMITS: GroupLimits = GroupLimits {
-    max_members: 5,
-    max_receipt_watches: 3,
-};
+const LIMITS: GroupLimits = GroupLimits { max_members: 5, max_receipt_watches: 3 };
 
 fn u(s: &str) -> UserId {
     UserId::parse(s).unwrap()
 }
 fn caller(s: &str) -> Caller {
-    Caller {
-        user: u(s),
-        admin: false,
-    }
+    Caller { user: u(s), admin: false }
 }
 fn text(t: &str) -> MessageBody {
-    Body::Text { text: t.into() }
-        .validate(&crate::body::BodyLimits {
-            max_text_chars: 100,
-        })
-        .unwrap()
+    Body::Text { text: t.into() }.validate(&crate::body::BodyLimits { max_text_chars: 100 }).unwrap()
 }
 
 impl Harness {
     fn new() -> Self {
-        Harness {
-            state: None,
-            log: MemLog::default(),
-            now: 1_000,
-        }
+        Harness { state: None, log: MemLog::default(), now: 1_000 }
     }
 
     fn opened(members: &[(&str, MemberRole)]) -> Self {
@@ -78,16 +56,9 @@ impl Harness {
         for e in &out.effects {
             if let GroupEffect::Append(entry) = e {
                 let mut entries = self.log.entries.borrow_mut();
-                assert_eq!(
-                    entry.seq,
-                    entries.len() as u64 + 1,
-                    "seqs must be contiguous"
-                );
+                assert_eq!(entry.seq, entries.len() as u64 + 1, "seqs must be contiguous");
                 if let Some(id) = &entry.client_msg_id {
-                    self.log
-                        .dedupe
-                        .borrow_mut()
-                        .insert((entry.from.clone(), id.clone()), (entry.seq, entry.ts));
+                    self.log.dedupe.borrow_mut().insert((entry.from.clone(), id.clone()), (entry.seq, entry.ts));
                 }
                 entries.push(entry.clone());
             }
@@ -111,13 +82,7 @@ fn open_cmd(opener: &str, members: &[(&str, MemberRole)]) -> GroupCommand {
         title: "Parcel damaged".into(),
         order_id: Some("ord-1".into()),
         exception_type: Some(ExceptionType::Damage),
-        members: members
-            .iter()
-            .map(|(user, role)| MemberSpec {
-                user: u(user),
-                role: *role,
-            })
-            .collect(),
+        members: members.iter().map(|(user, role)| MemberSpec { user: u(user), role: *role }).collect(),
         limits: LIMITS,
     })
 }
@@ -134,33 +99,20 @@ fn send_cmd(from: &str, id: &str, require_receipt: bool) -> GroupCommand {
 
 #[test]
 fn open_writes_a_system_entry_and_makes_the_opener_owner() {
-    let h = Harness::opened(&[
-        ("driver", MemberRole::Driver),
-        ("customer", MemberRole::Customer),
-    ]);
+    let h = Harness::opened(&[("driver", MemberRole::Driver), ("customer", MemberRole::Customer)]);
     let s = h.state();
     assert_eq!(s.last_seq, 1);
     assert_eq!(s.members[&u("owner")].role, MemberRole::Owner);
     assert_eq!(s.members.len(), 3);
     let first = &h.log.entries.borrow()[0];
-    assert!(
-        first.body.json.contains(r#""event":"group_opened""#),
-        "{}",
-        first.body.json
-    );
+    assert!(first.body.json.contains(r#""event":"group_opened""#), "{}", first.body.json);
 }
 
 #[test]
 fn reopen_by_the_same_opener_is_idempotent_and_anyone_else_conflicts() {
     let mut h = Harness::opened(&[]);
-    assert_eq!(
-        h.run(open_cmd("owner", &[])).reply,
-        Ok(GroupReply::Opened { created: false })
-    );
-    assert_eq!(
-        h.run(open_cmd("someone", &[])).reply.unwrap_err().code,
-        ErrorCode::Conflict
-    );
+    assert_eq!(h.run(open_cmd("owner", &[])).reply, Ok(GroupReply::Opened { created: false }));
+    assert_eq!(h.run(open_cmd("someone", &[])).reply.unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(h.state().last_seq, 1);
 }
 
@@ -174,94 +126,35 @@ fn outsiders_are_forbidden_whether_or_not_the_group_exists() {
         assert_eq!(err.message, "not a member of this group");
         assert!(authorize_read(h.state.as_ref(), &caller("stranger")).is_err());
     }
-    assert!(
-        authorize_read(
-            existing.state.as_ref(),
-            &Caller {
-                user: u("root"),
-                admin: true
-            }
-        )
-        .is_ok()
-    );
+    assert!(authorize_read(existing.state.as_ref(), &Caller { user: u("root"), admin: true }).is_ok());
 }
 
 #[test]
 fn retried_sends_return_the_original_seq() {
     let mut h = Harness::opened(&[("driver", MemberRole::Driver)]);
     let first = h.send("driver", "a1").unwrap();
-    let GroupReply::Sent {
-        seq,
-        ts,
-        duplicate: false,
-    } = first
-    else {
-        panic!("{first:?}")
-    };
+    let GroupReply::Sent { seq, ts, duplicate: false } = first else { panic!("{first:?}") };
     h.send("owner", "b1").unwrap();
-    assert_eq!(
-        h.send("driver", "a1").unwrap(),
-        GroupReply::Sent {
-            seq,
-            ts,
-            duplicate: true
-        }
-    );
+    assert_eq!(h.send("driver", "a1").unwrap(), GroupReply::Sent { seq, ts, duplicate: true });
     // The same client_msg_id from another sender is another message.
-    assert!(matches!(
-        h.send("owner", "a1").unwrap(),
-        GroupReply::Sent {
-            duplicate: false,
-            ..
-        }
-    ));
+    assert!(matches!(h.send("owner", "a1").unwrap(), GroupReply::Sent { duplicate: false, .. }));
     assert_eq!(h.state().last_seq, 4);
 }
 
 #[test]
 fn only_managers_change_membership_and_closed_groups_refuse_messages() {
     let mut h = Harness::opened(&[("driver", MemberRole::Driver), ("agent", MemberRole::Agent)]);
-    let invite = |by: &str, user: &str| GroupCommand::Invite {
-        by: caller(by),
-        user: u(user),
-        role: MemberRole::Station,
-    };
-    assert_eq!(
-        h.run(invite("driver", "st")).reply.unwrap_err().code,
-        ErrorCode::Forbidden
-    );
-    assert_eq!(
-        h.run(invite("agent", "st")).reply,
-        Ok(GroupReply::Updated { changed: true })
-    );
-    assert_eq!(
-        h.run(invite("agent", "st")).reply,
-        Ok(GroupReply::Updated { changed: false })
-    );
-    let remove_owner = GroupCommand::Remove {
-        by: caller("agent"),
-        user: u("owner"),
-    };
-    assert_eq!(
-        h.run(remove_owner).reply.unwrap_err().code,
-        ErrorCode::Conflict
-    );
-    let close = GroupCommand::Close {
-        by: caller("agent"),
-        resolution: "refunded".into(),
-    };
-    assert_eq!(
-        h.run(close.clone()).reply,
-        Ok(GroupReply::Updated { changed: true })
-    );
-    assert_eq!(
-        h.run(close).reply,
-        Ok(GroupReply::Updated { changed: false })
-    );
-    assert_eq!(
-        h.send("driver", "late").unwrap_err().code,
-        ErrorCode::Conflict
-    );
+    let invite =
+        |by: &str, user: &str| GroupCommand::Invite { by: caller(by), user: u(user), role: MemberRole::Station };
+    assert_eq!(h.run(invite("driver", "st")).reply.unwrap_err().code, ErrorCode::Forbidden);
+    assert_eq!(h.run(invite("agent", "st")).reply, Ok(GroupReply::Updated { changed: true }));
+    assert_eq!(h.run(invite("agent", "st")).reply, Ok(GroupReply::Updated { changed: false }));
+    let remove_owner = GroupCommand::Remove { by: caller("agent"), user: u("owner") };
+    assert_eq!(h.run(remove_owner).reply.unwrap_err().code, ErrorCode::Conflict);
+    let close = GroupCommand::Close { by: caller("agent"), resolution: "refunded".into() };
+    assert_eq!(h.run(close.clone()).reply, Ok(GroupReply::Updated { changed: true }));
+    assert_eq!(h.run(close).reply, Ok(GroupReply::Updated { changed: false }));
+    assert_eq!(h.send("driver", "late").unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(h.state().info().state, "closed");
 }
 
@@ -273,11 +166,7 @@ fn groups_are_bounded() {
         ("c", MemberRole::Driver),
         ("d", MemberRole::Driver),
     ]);
-    let full = h.run(GroupCommand::Invite {
-        by: caller("a"),
-        user: u("e"),
-        role: MemberRole::Observer,
-    });
+    let full = h.run(GroupCommand::Invite { by: caller("a"), user: u("e"), role: MemberRole::Observer });
     assert_eq!(full.reply.unwrap_err().code, ErrorCode::Conflict);
     let too_many = open_cmd(
         "x",
@@ -289,28 +178,16 @@ fn groups_are_bounded() {
             ("e", MemberRole::Driver),
         ],
     );
-    assert_eq!(
-        Harness::new().run(too_many).reply.unwrap_err().code,
-        ErrorCode::BadRequest
-    );
+    assert_eq!(Harness::new().run(too_many).reply.unwrap_err().code, ErrorCode::BadRequest);
 }
 
 #[test]
 fn removed_members_see_their_removal_and_lose_access() {
     let mut h = Harness::opened(&[("driver", MemberRole::Driver)]);
-    let out = h.run(GroupCommand::Remove {
-        by: caller("owner"),
-        user: u("driver"),
-    });
-    assert!(
-        out.effects
-            .contains(&GroupEffect::MemberGone { user: u("driver") })
-    );
+    let out = h.run(GroupCommand::Remove { by: caller("owner"), user: u("driver") });
+    assert!(out.effects.contains(&GroupEffect::MemberGone { user: u("driver") }));
     assert!(authorize_read(h.state.as_ref(), &caller("driver")).is_err());
-    assert_eq!(
-        h.send("driver", "x").unwrap_err().code,
-        ErrorCode::Forbidden
-    );
+    assert_eq!(h.send("driver", "x").unwrap_err().code, ErrorCode::Forbidden);
 }
 
 #[test]
@@ -318,51 +195,30 @@ fn read_positions_only_move_forward() {
     let mut h = Harness::opened(&[("driver", MemberRole::Driver)]);
     h.send("owner", "m1").unwrap();
     h.send("owner", "m2").unwrap();
-    let read = |seq| GroupCommand::MarkRead {
-        user: u("driver"),
-        seq,
-    };
+    let read = |seq| GroupCommand::MarkRead { user: u("driver"), seq };
     assert_eq!(h.run(read(3)).reply, Ok(GroupReply::Read { read_seq: 3 }));
     let back = h.run(read(2));
     assert_eq!(back.reply, Ok(GroupReply::Read { read_seq: 3 }));
     assert!(back.effects.is_empty());
-    assert_eq!(
-        h.run(read(9)).reply.unwrap_err().code,
-        ErrorCode::BadRequest
-    );
+    assert_eq!(h.run(read(9)).reply.unwrap_err().code, ErrorCode::BadRequest);
     assert_eq!(h.state().members[&u("driver")].read_seq, 3);
 }
 
 #[test]
 fn receipt_watch_fires_once_and_only_when_due() {
-    let mut h = Harness::opened(&[
-        ("driver", MemberRole::Driver),
-        ("customer", MemberRole::Customer),
-    ]);
+    let mut h = Harness::opened(&[("driver", MemberRole::Driver), ("customer", MemberRole::Customer)]);
     let out = h.run(send_cmd("owner", "r1", true));
-    let GroupReply::Sent { seq, .. } = out.reply.unwrap() else {
-        panic!()
-    };
+    let GroupReply::Sent { seq, .. } = out.reply.unwrap() else { panic!() };
     let timer = GroupTimer::ReceiptOverdue { seq };
-    assert!(
-        out.effects
-            .iter()
-            .any(|e| matches!(e, GroupEffect::TimerSet { timer: t, .. } if *t == timer))
-    );
+    assert!(out.effects.iter().any(|e| matches!(e, GroupEffect::TimerSet { timer: t, .. } if *t == timer)));
     // Too early: nothing happens.
     let early = h.run(GroupCommand::Fire(timer));
     assert!(early.effects.is_empty());
-    h.run(GroupCommand::MarkRead {
-        user: u("driver"),
-        seq,
-    });
+    h.run(GroupCommand::MarkRead { user: u("driver"), seq });
     h.now += 1_000;
     let fired = h.run(GroupCommand::Fire(timer));
     assert!(
-        fired.effects.contains(&GroupEffect::ReceiptOverdue {
-            seq,
-            pending: vec![u("customer")]
-        }),
+        fired.effects.contains(&GroupEffect::ReceiptOverdue { seq, pending: vec![u("customer")] }),
         "{:?}",
         fired.effects
     );
@@ -377,21 +233,11 @@ fn receipt_watch_fires_once_and_only_when_due() {
 #[test]
 fn receipt_watch_is_cleared_when_everyone_read() {
     let mut h = Harness::opened(&[("driver", MemberRole::Driver)]);
-    let GroupReply::Sent { seq, .. } = h.run(send_cmd("owner", "r1", true)).reply.unwrap() else {
-        panic!()
-    };
-    let out = h.run(GroupCommand::MarkRead {
-        user: u("driver"),
-        seq,
-    });
-    assert!(out.effects.contains(&GroupEffect::TimerCleared {
-        timer: GroupTimer::ReceiptOverdue { seq }
-    }));
+    let GroupReply::Sent { seq, .. } = h.run(send_cmd("owner", "r1", true)).reply.unwrap() else { panic!() };
+    let out = h.run(GroupCommand::MarkRead { user: u("driver"), seq });
+    assert!(out.effects.contains(&GroupEffect::TimerCleared { timer: GroupTimer::ReceiptOverdue { seq } }));
     assert!(h.state().receipt_watches.is_empty());
-    assert_eq!(
-        h.state().receipts(seq, Some(&u("owner"))).pending,
-        Vec::<UserId>::new()
-    );
+    assert_eq!(h.state().receipts(seq, Some(&u("owner"))).pending, Vec::<UserId>::new());
 }
 
 #[derive(Debug, Clone)]
