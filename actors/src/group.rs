@@ -169,9 +169,10 @@ pub enum GroupCommand {
     },
     /// The leader's timer fired. Applying it twice, or too early, changes nothing.
     Fire(GroupTimer),
-    /// A ticket (or another entity) writes a system entry into the group.
+    /// Another entity (a ticket) writes a system entry into the group. The body is
+    /// rendered before proposing: system events are JSON-tagged and the log stores bytes.
     Note {
-        event: SystemEvent,
+        body: MessageBody,
     },
 }
 
@@ -607,8 +608,10 @@ impl GroupState {
                 }
                 GroupReply::Fired
             }
-            GroupCommand::Note { event } => {
-                let seq = s.append_system(system_user(), at, &event, &mut effects);
+            GroupCommand::Note { body } => {
+                let entry = s.append(system_user(), at, None, body, false);
+                let seq = entry.seq;
+                effects.push(GroupEffect::Append(entry));
                 GroupReply::Noted { seq }
             }
         };

@@ -1,0 +1,95 @@
+//! Events pushed to clients (`{"ev": ...}` frames), and the JSON form of log entries.
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::value::RawValue;
+
+use crate::group::{Entry, Seq};
+use crate::ids::{GroupId, UserId};
+
+/// A pushed event. Pushes are best effort; `msg.sync` is the guarantee.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Msg { group: GroupId, entry: Entry },
+    Receipt { group: GroupId, user: UserId, read_seq: Seq },
+}
+
+impl Event {
+    /// The frame text, rendered once and shared by every connection it goes to.
+    pub fn to_frame(&self) -> String {
+        serde_json::to_string(self).expect("events always serialize")
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Event::Msg { group, entry } => {
+                let mut m = s.serialize_map(None)?;
+                m.serialize_entry("ev", "msg")?;
+                m.serialize_entry("group", group)?;
+                write_entry_fields(&mut m, entry)?;
+                m.end()
+            }
+            Event::Receipt { group, user, read_seq } => {
+                let mut m = s.serialize_map(Some(4))?;
+                m.serialize_entry("ev", "receipt")?;
+                m.serialize_entry("group", group)?;
+                m.serialize_entry("user", user)?;
+                m.serialize_entry("read_seq", read_seq)?;
+                m.end()
+            }
+        }
+    }
+}
+
+/// An entry as `msg.sync` returns it: `{seq, from, ts, client_msg_id, body, require_receipt}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireEntry(pub Entry);
+
+impl Serialize for WireEntry {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        write_entry_fields(&mut m, &self.0)?;
+        m.end()
+    }
+}
+
+fn write_entry_fields<M: SerializeMap>(m: &mut M, e: &Entry) -> Result<(), M::Error> {
+    m.serialize_entry("seq", &e.seq)?;
+    m.serialize_entry("from", &e.from)?;
+    m.serialize_entry("ts", &e.ts)?;
+    if let Some(id) = &e.client_msg_id {
+        m.serialize_entry("client_msg_id", id)?;
+    }
+    // Bodies are stored as validated JSON text: splice it in without re-encoding.
+    let body: &RawValue = serde_json::from_str(&e.body.json).map_err(serde::ser::Error::custom)?;
+    m.serialize_entry("body", body)?;
+    m.serialize_entry("require_receipt", &e.require_receipt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::Body;
+    use crate::entity::Timestamp;
+    use crate::ids::ClientMsgId;
+
+    #[test]
+    fn msg_event_matches_the_protocol() {
+        let body = Body::Text { text: "hi".into() }.validate(&crate::body::BodyLimits { max_text_chars: 10 }).unwrap();
+        let entry = Entry {
+            seq: 57,
+            from: UserId::parse("u-17").unwrap(),
+            ts: Timestamp(1795000000123),
+            client_msg_id: Some(ClientMsgId::parse("a1b2c3").unwrap()),
+            body,
+            require_receipt: true,
+        };
+        let ev = Event::Msg { group: GroupId::parse("exc-1").unwrap(), entry };
+        assert_eq!(
+            ev.to_frame(),
+            r#"{"ev":"msg","group":"exc-1","seq":57,"from":"u-17","ts":1795000000123,"client_msg_id":"a1b2c3","body":{"type":"text","text":"hi"},"require_receipt":true}"#
+        );
+    }
+}

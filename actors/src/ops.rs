@@ -1,0 +1,290 @@
+//! The operations of protocol v1 that reach entities, parsed from a request frame's fields
+//! into typed requests. `hello` and `ping` belong to the connection and are handled by the
+//! gateway before anything here runs.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::behavior::Request;
+use crate::body::{Body, MemberSpec};
+use crate::domain::{DomainConfig, Query};
+use crate::entity::EntityKey;
+use crate::error::Rejection;
+use crate::group::{
+    self, ExceptionType, GroupCommand, GroupKind, MAX_RESOLUTION_CHARS, MemberRole, OpenGroup, SendMessage, Seq,
+};
+use crate::ids::{ClientMsgId, GroupId, UserId};
+use crate::principal::Principal;
+
+/// Where a parsed operation goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// To the entity's actor on its shard leader.
+    Actor { key: EntityKey, request: Request },
+    /// A read served from the entity's committed state on its shard leader.
+    Query { key: EntityKey, query: Query },
+}
+
+impl Route {
+    pub fn key(&self) -> &EntityKey {
+        match self {
+            Route::Actor { key, .. } | Route::Query { key, .. } => key,
+        }
+    }
+}
+
+/// Every op this module parses, for `bad_request` messages and docs.
+pub const OPS: &[&str] = &[
+    "group.open",
+    "group.invite",
+    "group.remove",
+    "group.leave",
+    "group.close",
+    "group.info",
+    "msg.send",
+    "msg.sync",
+    "msg.read",
+    "msg.receipts",
+    "inbox.sync",
+];
+
+fn args<T: DeserializeOwned>(op: &str, fields: &Map<String, Value>) -> Result<T, Rejection> {
+    T::deserialize(fields).map_err(|e| Rejection::bad_request(format!("{op}: {e}")))
+}
+
+#[derive(Deserialize)]
+struct GroupArg {
+    group: GroupId,
+}
+
+#[derive(Deserialize)]
+struct OpenArgs {
+    group: Option<GroupId>,
+    kind: GroupKind,
+    #[serde(default)]
+    title: String,
+    order_id: Option<String>,
+    exception_type: Option<ExceptionType>,
+    #[serde(default)]
+    members: Vec<MemberSpec>,
+}
+
+#[derive(Deserialize)]
+struct InviteArgs {
+    group: GroupId,
+    user: UserId,
+    role: MemberRole,
+}
+
+#[derive(Deserialize)]
+struct UserArgs {
+    group: GroupId,
+    user: UserId,
+}
+
+#[derive(Deserialize)]
+struct CloseArgs {
+    group: GroupId,
+    #[serde(default)]
+    resolution: String,
+}
+
+#[derive(Deserialize)]
+struct SendArgs {
+    group: GroupId,
+    client_msg_id: ClientMsgId,
+    body: Body,
+    #[serde(default)]
+    require_receipt: bool,
+}
+
+#[derive(Deserialize)]
+struct SyncArgs {
+    group: GroupId,
+    #[serde(default)]
+    after: Seq,
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SeqArgs {
+    group: GroupId,
+    seq: Seq,
+}
+
+/// Parses `op` with the frame's other fields. `fresh_group_id` names a group the client
+/// did not name.
+pub fn parse(
+    op: &str,
+    fields: &Map<String, Value>,
+    who: &Principal,
+    cfg: &DomainConfig,
+    fresh_group_id: impl FnOnce() -> GroupId,
+) -> Result<Route, Rejection> {
+    let caller = who.caller();
+    let actor =
+        |group: GroupId, cmd: GroupCommand| Route::Actor { key: EntityKey::Group(group), request: Request::Group(cmd) };
+    let query = |group: GroupId, query: Query| Route::Query { key: EntityKey::Group(group), query };
+    Ok(match op {
+        "group.open" => {
+            let a: OpenArgs = args(op, fields)?;
+            if a.members.len() as u32 > cfg.group.max_members {
+                return Err(Rejection::bad_request(format!(
+                    "group.open: {} members listed, a group holds at most {}",
+                    a.members.len(),
+                    cfg.group.max_members
+                )));
+            }
+            let open = OpenGroup {
+                opener: caller,
+                kind: a.kind,
+                title: a.title,
+                order_id: a.order_id,
+                exception_type: a.exception_type,
+                members: a.members,
+                limits: cfg.group,
+            };
+            group::check_open(&open).map_err(|r| Rejection::bad_request(format!("group.open: {}", r.message)))?;
+            actor(a.group.unwrap_or_else(fresh_group_id), GroupCommand::Open(open))
+        }
+        "group.invite" => {
+            let a: InviteArgs = args(op, fields)?;
+            actor(a.group, GroupCommand::Invite { by: caller, user: a.user, role: a.role })
+        }
+        "group.remove" => {
+            let a: UserArgs = args(op, fields)?;
+            actor(a.group, GroupCommand::Remove { by: caller, user: a.user })
+        }
+        "group.leave" => {
+            let a: GroupArg = args(op, fields)?;
+            actor(a.group, GroupCommand::Leave { user: caller.user })
+        }
+        "group.close" => {
+            let a: CloseArgs = args(op, fields)?;
+            if a.resolution.chars().count() > MAX_RESOLUTION_CHARS {
+                return Err(Rejection::bad_request(format!(
+                    "group.close: resolution is longer than {MAX_RESOLUTION_CHARS} characters"
+                )));
+            }
+            actor(a.group, GroupCommand::Close { by: caller, resolution: a.resolution })
+        }
+        "group.info" => {
+            let a: GroupArg = args(op, fields)?;
+            query(a.group, Query::GroupInfo { caller })
+        }
+        "msg.send" => {
+            let a: SendArgs = args(op, fields)?;
+            let body =
+                a.body.validate(&cfg.body).map_err(|r| Rejection::bad_request(format!("msg.send: {}", r.message)))?;
+            actor(
+                a.group,
+                GroupCommand::Send(SendMessage {
+                    from: caller,
+                    client_msg_id: a.client_msg_id,
+                    body,
+                    require_receipt: a.require_receipt,
+                    receipt_timeout_ms: cfg.receipt_timeout_ms,
+                }),
+            )
+        }
+        "msg.sync" => {
+            let a: SyncArgs = args(op, fields)?;
+            let limit = a.limit.unwrap_or(cfg.sync_limit_max);
+            if limit == 0 || limit > cfg.sync_limit_max {
+                return Err(Rejection::bad_request(format!(
+                    "msg.sync: limit must be within 1..{}",
+                    cfg.sync_limit_max
+                )));
+            }
+            query(a.group, Query::GroupSync { caller, after: a.after, limit })
+        }
+        "msg.read" => {
+            let a: SeqArgs = args(op, fields)?;
+            actor(a.group, GroupCommand::MarkRead { user: caller.user, seq: a.seq })
+        }
+        "msg.receipts" => {
+            let a: SeqArgs = args(op, fields)?;
+            query(a.group, Query::GroupReceipts { caller, seq: a.seq })
+        }
+        "inbox.sync" => Route::Actor { key: EntityKey::User(caller.user.clone()), request: Request::Inbox { caller } },
+        other => {
+            return Err(Rejection::bad_request(format!(
+                "unknown op {other:?}; known ops: hello, ping, {}",
+                OPS.join(", ")
+            )));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    fn who() -> Principal {
+        Principal::from_claims("u-1", &["driver".into()], &[], None).unwrap()
+    }
+
+    fn parse_json(op: &str, json: &str) -> Result<Route, Rejection> {
+        let fields: Map<String, Value> = serde_json::from_str(json).unwrap();
+        parse(op, &fields, &who(), &DomainConfig::default(), || GroupId::parse("g-fresh").unwrap())
+    }
+
+    #[test]
+    fn the_protocol_examples_parse() {
+        let open = parse_json(
+            "group.open",
+            r#"{"id":"2","op":"group.open","group":"exc-20261122-0042","kind":"exception","title":"Parcel damaged at Wuhan hub","order_id":"ord-88231","exception_type":"damage","members":[{"user":"u-17","role":"driver"},{"user":"st-wh","role":"station"},{"user":"c-903","role":"customer"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(open.key(), &EntityKey::Group(GroupId::parse("exc-20261122-0042").unwrap()));
+        let send = parse_json(
+            "msg.send",
+            r#"{"group":"exc-1","client_msg_id":"a1b2c3","body":{"type":"text","text":"外包装破损，已拍照"},"require_receipt":true}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(send, Route::Actor { request: Request::Group(GroupCommand::Send(ref s)), .. } if s.require_receipt)
+        );
+        assert!(matches!(
+            parse_json("msg.sync", r#"{"group":"g","after":50,"limit":200}"#).unwrap(),
+            Route::Query { .. }
+        ));
+        assert!(matches!(parse_json("inbox.sync", "{}").unwrap(), Route::Actor { request: Request::Inbox { .. }, .. }));
+    }
+
+    #[test]
+    fn a_missing_group_id_is_assigned() {
+        let open = parse_json("group.open", r#"{"kind":"chat"}"#).unwrap();
+        assert_eq!(open.key(), &EntityKey::Group(GroupId::parse("g-fresh").unwrap()));
+    }
+
+    #[test]
+    fn malformed_arguments_are_bad_requests_that_say_what_is_wrong() {
+        for (op, json, says) in [
+            ("msg.send", r#"{"group":"g"}"#, "missing field `client_msg_id`"),
+            ("msg.send", r#"{"group":"g","client_msg_id":"x","body":{"type":"sticker"}}"#, "unknown variant `sticker`"),
+            (
+                "msg.send",
+                r#"{"group":"g","client_msg_id":"x","body":{"type":"text","text":""}}"#,
+                "body.text must not be empty",
+            ),
+            (
+                "msg.send",
+                r#"{"group":"bad id","client_msg_id":"x","body":{"type":"text","text":"a"}}"#,
+                "group id may only contain",
+            ),
+            ("msg.sync", r#"{"group":"g","limit":501}"#, "limit must be within 1..500"),
+            ("msg.sync", r#"{"group":"g","after":"ten"}"#, "invalid type"),
+            ("group.open", r#"{"kind":"party"}"#, "unknown variant `party`"),
+            ("group.open", r#"{"kind":"chat","exception_type":"damage"}"#, "only for groups of kind exception"),
+            ("group.invite", r#"{"group":"g","user":"u2","role":"boss"}"#, "unknown variant `boss`"),
+            ("msg.fly", "{}", "unknown op \"msg.fly\""),
+        ] {
+            let err = parse_json(op, json).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{op} {json}");
+            assert!(err.message.contains(says), "{op} {json}: {}", err.message);
+        }
+    }
+}
