@@ -1,0 +1,76 @@
+//! The runtime as the domain sees it (`convoy_actors::behavior::Runtime`): proposals,
+//! requests and queries go through the router to wherever the entity's leader is; pushes
+//! go to the nodes where the users are connected.
+
+use std::sync::{Arc, OnceLock};
+
+use convoy_actors::behavior::{ReplyFuture, Request, Runtime};
+use convoy_actors::domain::{Command, DomainConfig, Query};
+use convoy_actors::event::Event;
+use convoy_actors::ids::UserId;
+use convoy_actors::{EntityKey, Timestamp};
+
+use crate::router::Router;
+
+/// Delivers a rendered event frame to every connected device of some users.
+pub trait Pusher: Send + Sync + 'static {
+    fn push(&self, users: &[UserId], frame: Arc<str>);
+}
+
+#[derive(Clone)]
+pub struct NodeRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: DomainConfig,
+    router: OnceLock<Router>,
+    pusher: Arc<dyn Pusher>,
+}
+
+impl NodeRuntime {
+    pub fn new(config: DomainConfig, pusher: Arc<dyn Pusher>) -> NodeRuntime {
+        NodeRuntime { inner: Arc::new(Inner { config, router: OnceLock::new(), pusher }) }
+    }
+
+    /// The router exists after the shard hosts, which need this runtime: bind it once.
+    pub fn bind_router(&self, router: Router) {
+        let _ = self.inner.router.set(router);
+    }
+
+    fn router(&self) -> Router {
+        self.inner.router.get().expect("the router is bound before any shard serves").clone()
+    }
+}
+
+impl Runtime for NodeRuntime {
+    fn now(&self) -> Timestamp {
+        crate::shard::now()
+    }
+
+    fn config(&self) -> &DomainConfig {
+        &self.inner.config
+    }
+
+    fn propose(&self, key: EntityKey, cmd: Command) -> ReplyFuture {
+        let router = self.router();
+        Box::pin(async move { router.propose(key, cmd).await })
+    }
+
+    fn request(&self, key: EntityKey, req: Request) -> ReplyFuture {
+        let router = self.router();
+        Box::pin(async move { router.request(key, req).await })
+    }
+
+    fn query(&self, key: EntityKey, q: Query) -> ReplyFuture {
+        let router = self.router();
+        Box::pin(async move { router.query(key, q).await })
+    }
+
+    fn push(&self, users: &[UserId], event: &Event) {
+        if users.is_empty() {
+            return;
+        }
+        self.inner.pusher.push(users, Arc::from(event.to_frame()));
+    }
+}

@@ -1,0 +1,305 @@
+//! One client connection: authentication, limits, pipelined requests and pushes.
+//!
+//! Everything a connection does happens in one task: reading frames, answering them as
+//! their requests complete (in any order), writing pushed events, pinging, and enforcing
+//! the deadlines (hello, token expiry, pong). Each resource it holds is bounded: requests
+//! in flight, queued outbound frames, the rate of requests.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_actors::principal::Principal;
+use convoy_actors::{ErrorCode, Rejection, ops};
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+
+use super::hub::Registration;
+use super::{Gateway, frame};
+
+/// Close codes of protocol v1 (and Convoy's additions, documented in docs/protocol.md).
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_LARGE: u16 = 1009;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const TOO_SLOW: u16 = 4408;
+    pub const RATE_LIMITED: u16 = 4429;
+}
+
+/// How long one write to the socket may take before the client counts as not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames drained from the outbound queue per socket flush.
+const WRITE_BATCH: usize = 64;
+
+struct Session {
+    principal: Principal,
+    expires_at: Instant,
+    _registration: Registration,
+}
+
+#[derive(Serialize)]
+struct HelloReply<'a> {
+    user: &'a str,
+    roles: &'a [convoy_actors::principal::Role],
+    node: &'a str,
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+fn unix_to_instant(unix_secs: u64) -> Instant {
+    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Instant::now() + Duration::from_secs(unix_secs.saturating_sub(now_unix))
+}
+
+type Outcome = (String, Result<convoy_actors::domain::Reply, Rejection>);
+
+pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: SocketAddr) {
+    let limits = &gw.limits;
+    let (mut sink, mut stream) = ws.split();
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Utf8Bytes>(limits.outbound_queue);
+    let overflow = Arc::new(Notify::new());
+    let quota = Quota::per_second(NonZeroU32::new(limits.requests_per_second.max(1)).expect("max(1)"))
+        .allow_burst(NonZeroU32::new(limits.request_burst.max(1)).expect("max(1)"));
+    let limiter = RateLimiter::direct(quota);
+    let mut strikes = 0u32;
+    let mut session: Option<Session> = None;
+    let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> = FuturesUnordered::new();
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let hello_deadline = Instant::now() + limits.hello_timeout;
+    let mut last_heard = Instant::now();
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.reset();
+    let mut shutdown = gw.shutdown.clone();
+    metrics::gauge!("convoy_connections").increment(1.0);
+
+    // Sends one text frame; false if the connection is done for.
+    macro_rules! send {
+        ($text:expr) => {{
+            let text: Utf8Bytes = $text.into();
+            matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))).await, Ok(Ok(())))
+        }};
+    }
+    macro_rules! close_with {
+        ($code:expr, $reason:expr) => {{
+            let frame = CloseFrame { code: CloseCode::from($code), reason: Utf8Bytes::from($reason) };
+            let _ = timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            break;
+        }};
+    }
+
+    loop {
+        let deadline = match &session {
+            Some(s) => s.expires_at,
+            None => hello_deadline,
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                // Finish what is in flight, then ask the client to reconnect elsewhere.
+                let grace = Instant::now() + gw.limits.request_timeout;
+                while let Ok(Some((id, result))) = tokio::time::timeout_at(grace, pending.next()).await {
+                    let text = reply_text(&id, &result);
+                    if !send!(text) { break; }
+                }
+                close_with!(close::GOING_AWAY, "node shutting down; reconnect to another node");
+            }
+            _ = overflow.notified() => {
+                metrics::counter!("convoy_connections_dropped_total", "reason" => "slow_reader").increment(1);
+                close_with!(close::TOO_SLOW, "outbound queue full: read faster");
+            }
+            _ = sleep_until(deadline) => {
+                let reason = if session.is_some() { "token expired" } else { "no valid hello in time" };
+                close_with!(close::UNAUTHORIZED, reason);
+            }
+            Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                in_flight.remove(&id);
+                if !send!(reply_text(&id, &result)) { break; }
+            }
+            Some(first) = frames_rx.recv() => {
+                // Write what is queued in one go, then flush once.
+                let mut ok = timeout(WRITE_TIMEOUT, sink.feed(Message::Text(first))).await.is_ok_and(|r| r.is_ok());
+                let mut n = 1;
+                while ok && n < WRITE_BATCH {
+                    let Ok(next) = frames_rx.try_recv() else { break };
+                    ok = timeout(WRITE_TIMEOUT, sink.feed(Message::Text(next))).await.is_ok_and(|r| r.is_ok());
+                    n += 1;
+                }
+                if !ok || !timeout(WRITE_TIMEOUT, sink.flush()).await.is_ok_and(|r| r.is_ok()) { break; }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > gw.limits.pong_timeout {
+                    close_with!(close::TOO_SLOW, "no pong in time");
+                }
+                if !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) { break; }
+            }
+            incoming = stream.next() => {
+                let msg = match incoming {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                        metrics::counter!("convoy_limit_hits_total", "limit" => "max_frame_bytes").increment(1);
+                        let r = Rejection::new(ErrorCode::TooLarge, format!("frame of {size} bytes exceeds the limit of {max_size}"));
+                        let _ = send!(frame::error(None, &r, None));
+                        close_with!(close::TOO_LARGE, "frame too large");
+                    }
+                    Some(Err(_)) => break,
+                    Some(Ok(m)) => m,
+                };
+                last_heard = Instant::now();
+                let text = match msg {
+                    Message::Text(t) => t,
+                    Message::Binary(_) => {
+                        let r = Rejection::bad_request("binary frames are not part of the protocol: send JSON text frames");
+                        if !send!(frame::error(None, &r, None)) { break; }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                if let Err(wait) = limiter.check() {
+                    strikes += 1;
+                    metrics::counter!("convoy_limit_hits_total", "limit" => "requests_per_second").increment(1);
+                    if strikes >= gw.limits.rate_limit_strikes {
+                        metrics::counter!("convoy_connections_dropped_total", "reason" => "rate_limit").increment(1);
+                        close_with!(close::RATE_LIMITED, "rate limit exceeded repeatedly");
+                    }
+                    let retry = wait.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                    let r = Rejection::new(ErrorCode::RateLimited, format!("more than {} requests per second", gw.limits.requests_per_second));
+                    let id = frame::parse(&text).ok().map(|f| f.id);
+                    if !send!(frame::error(id.as_deref(), &r, Some(retry.as_millis() as u64 + 1))) { break; }
+                    continue;
+                }
+                strikes = 0;
+                let req = match frame::parse(&text) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        metrics::counter!("convoy_requests_total", "op" => "invalid", "code" => "bad_request").increment(1);
+                        if !send!(frame::error(e.id.as_deref(), &e.rejection, None)) { break; }
+                        continue;
+                    }
+                };
+                match req.op.as_str() {
+                    "hello" => {
+                        let text = match hello(&gw, &req, &mut session, &frames_tx, &overflow) {
+                            Ok(t) => t,
+                            Err(r) => frame::error(Some(&req.id), &r, None),
+                        };
+                        if !send!(text) { break; }
+                    }
+                    _ if session.is_none() => {
+                        let r = Rejection::new(ErrorCode::Unauthorized, "the first request on a connection must be hello");
+                        if !send!(frame::error(Some(&req.id), &r, None)) { break; }
+                    }
+                    "ping" => {
+                        if !send!(frame::ok(&req.id, &Empty {})) { break; }
+                    }
+                    _ => {
+                        if let Some(refusal) = admit(&gw, &req, pending.len(), &in_flight) {
+                            if !send!(frame::error(Some(&req.id), &refusal, None)) { break; }
+                            continue;
+                        }
+                        let principal = &session.as_ref().expect("checked above").principal;
+                        match ops::parse(&req.op, &req.fields, principal, &gw.domain, || gw.fresh_group_id()) {
+                            Err(r) => {
+                                metrics::counter!("convoy_requests_total", "op" => "invalid", "code" => r.code.as_str()).increment(1);
+                                if !send!(frame::error(Some(&req.id), &r, None)) { break; }
+                            }
+                            Ok(route) => {
+                                in_flight.insert(req.id.clone());
+                                pending.push(Box::pin(run(gw.clone(), req.id, req.op, route)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    metrics::gauge!("convoy_connections").decrement(1.0);
+    tracing::debug!(%peer, user = ?session.as_ref().map(|s| s.principal.user.to_string()), "connection closed");
+}
+
+/// Refuses a request the connection cannot take now.
+fn admit(gw: &Gateway, req: &frame::RequestFrame, pending: usize, in_flight: &HashSet<String>) -> Option<Rejection> {
+    if in_flight.contains(&req.id) {
+        return Some(Rejection::bad_request(format!(
+            "request id {:?} is already in flight on this connection",
+            req.id
+        )));
+    }
+    if pending >= gw.limits.max_pending_requests {
+        metrics::counter!("convoy_limit_hits_total", "limit" => "max_pending_requests").increment(1);
+        return Some(Rejection::new(
+            ErrorCode::RateLimited,
+            format!("{} requests already in flight on this connection", gw.limits.max_pending_requests),
+        ));
+    }
+    None
+}
+
+async fn run(gw: Arc<Gateway>, id: String, op: String, route: ops::Route) -> Outcome {
+    let started = Instant::now();
+    let result = match timeout(gw.limits.request_timeout, gw.router.dispatch(route)).await {
+        Ok(r) => r,
+        Err(_) => Err(Rejection::new(ErrorCode::Unavailable, "the request timed out inside the cluster; retry")),
+    };
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(r) => r.code.as_str(),
+    };
+    let op_label = if ops::OPS.contains(&op.as_str()) { op } else { "other".to_string() };
+    metrics::counter!("convoy_requests_total", "op" => op_label.clone(), "code" => code).increment(1);
+    metrics::histogram!("convoy_request_seconds", "op" => op_label).record(started.elapsed().as_secs_f64());
+    (id, result)
+}
+
+fn reply_text(id: &str, result: &Result<convoy_actors::domain::Reply, Rejection>) -> String {
+    match result {
+        Ok(reply) => frame::reply(id, reply),
+        Err(r) => frame::error(Some(id), r, None),
+    }
+}
+
+fn hello(
+    gw: &Arc<Gateway>,
+    req: &frame::RequestFrame,
+    session: &mut Option<Session>,
+    frames_tx: &mpsc::Sender<Utf8Bytes>,
+    overflow: &Arc<Notify>,
+) -> Result<String, Rejection> {
+    let token = match req.fields.get("token") {
+        Some(serde_json::Value::String(t)) => t,
+        _ => return Err(Rejection::new(ErrorCode::Unauthorized, "hello needs a token (a JWT string)")),
+    };
+    if let Some(device) = req.fields.get("device") {
+        match device {
+            serde_json::Value::String(d) if !d.is_empty() && d.chars().count() <= 64 => {}
+            _ => return Err(Rejection::bad_request("device must be a string of 1..64 characters")),
+        }
+    }
+    let verified = gw.keys.verify(token)?;
+    let principal = verified.principal;
+    if let Some(s) = session.as_mut() {
+        // A second hello refreshes the token of the same user.
+        if s.principal.user != principal.user {
+            return Err(Rejection::bad_request(format!("this connection is authenticated as {}", s.principal.user)));
+        }
+        s.expires_at = unix_to_instant(verified.expires_at);
+        s.principal = principal;
+    } else {
+        let registration = gw.hub.register(principal.user.clone(), frames_tx.clone(), overflow.clone());
+        *session =
+            Some(Session { principal, expires_at: unix_to_instant(verified.expires_at), _registration: registration });
+    }
+    let p = &session.as_ref().expect("set above").principal;
+    Ok(frame::ok(&req.id, &HelloReply { user: p.user.as_str(), roles: &p.roles, node: &gw.node_name }))
+}

@@ -1,0 +1,98 @@
+//! The connections of this node, by user: where pushes for local users are delivered.
+//! Each connection has a bounded outbound queue; a connection whose queue is full is told
+//! to close (a slow reader is dropped, never buffered without bound).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use convoy_actors::ids::UserId;
+use parking_lot::RwLock;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::entity::Pusher;
+
+/// Where the hub delivers one connection's frames.
+pub struct ConnSink {
+    pub id: u64,
+    pub frames: mpsc::Sender<Utf8Bytes>,
+    /// Notified when the queue overflowed: the connection must close.
+    pub overflow: Arc<Notify>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    users: RwLock<HashMap<UserId, Vec<ConnSink>>>,
+    next_id: AtomicU64,
+}
+
+/// Unregisters a connection when dropped.
+pub struct Registration {
+    hub: Arc<Hub>,
+    user: UserId,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(&self.user, self.id);
+    }
+}
+
+impl Hub {
+    pub fn register(
+        self: &Arc<Self>,
+        user: UserId,
+        frames: mpsc::Sender<Utf8Bytes>,
+        overflow: Arc<Notify>,
+    ) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut users = self.users.write();
+        users.entry(user.clone()).or_default().push(ConnSink { id, frames, overflow });
+        metrics::gauge!("convoy_users_connected").set(users.len() as f64);
+        Registration { hub: self.clone(), user, id }
+    }
+
+    fn unregister(&self, user: &UserId, id: u64) {
+        let mut users = self.users.write();
+        if let Some(conns) = users.get_mut(user) {
+            conns.retain(|c| c.id != id);
+            if conns.is_empty() {
+                users.remove(user);
+            }
+        }
+        metrics::gauge!("convoy_users_connected").set(users.len() as f64);
+    }
+
+    pub fn is_connected(&self, user: &UserId) -> bool {
+        self.users.read().contains_key(user)
+    }
+
+    /// Queues `frame` on every connection of `users`; returns how many took it.
+    pub fn deliver(&self, users: &[UserId], frame: &Utf8Bytes) -> usize {
+        let users_map = self.users.read();
+        let mut delivered = 0;
+        for user in users {
+            let Some(conns) = users_map.get(user) else { continue };
+            for c in conns {
+                match c.frames.try_send(frame.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("convoy_pushes_dropped_total", "reason" => "slow_reader").increment(1);
+                        c.overflow.notify_one();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        metrics::counter!("convoy_push_deliveries_total").increment(delivered as u64);
+        delivered
+    }
+}
+
+impl Pusher for Hub {
+    fn push(&self, users: &[UserId], frame: Arc<str>) {
+        self.deliver(users, &Utf8Bytes::from(String::from(&*frame)));
+    }
+}

@@ -1,0 +1,170 @@
+//! The gateway: protocol v1 over WebSocket at `/v1/ws`. It authenticates clients, checks
+//! frames and limits, parses operations with the domain's op table, and hands them to the
+//! router; it also delivers pushed events to the connections of this node (`hub`).
+
+pub mod auth;
+pub mod connection;
+pub mod frame;
+pub mod hub;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use convoy_actors::domain::DomainConfig;
+use convoy_actors::ids::GroupId;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::router::Router;
+
+/// Per-connection limits and timeouts, from the configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayLimits {
+    pub max_frame_bytes: usize,
+    pub requests_per_second: u32,
+    pub request_burst: u32,
+    pub rate_limit_strikes: u32,
+    pub max_pending_requests: usize,
+    pub outbound_queue: usize,
+    pub max_connections: usize,
+    pub hello_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Read buffer per connection: tungstenite's default (128 KiB, allocated up front) would
+/// cost ~90 KB per idle socket.
+const READ_BUFFER: usize = 4096;
+
+pub struct Gateway {
+    pub node_name: String,
+    pub limits: GatewayLimits,
+    pub domain: DomainConfig,
+    pub router: Router,
+    pub hub: Arc<hub::Hub>,
+    pub keys: Arc<auth::TokenKeys>,
+    pub shutdown: watch::Receiver<bool>,
+    group_ids: AtomicU64,
+    slots: Arc<Semaphore>,
+    /// Distinguishes group ids assigned by this process from those of its restarts.
+    incarnation: String,
+}
+
+impl Gateway {
+    pub fn new(
+        node_name: String,
+        limits: GatewayLimits,
+        domain: DomainConfig,
+        router: Router,
+        hub: Arc<hub::Hub>,
+        keys: Arc<auth::TokenKeys>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Gateway {
+        let incarnation = format!("{:x}", rand::random::<u32>());
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        Gateway {
+            node_name,
+            limits,
+            domain,
+            router,
+            hub,
+            keys,
+            shutdown,
+            group_ids: AtomicU64::new(1),
+            slots,
+            incarnation,
+        }
+    }
+
+    /// Client connections open right now (upgrading or established).
+    pub fn open_connections(&self) -> usize {
+        self.limits.max_connections - self.slots.available_permits()
+    }
+
+    /// An id for a group the client did not name: unique across nodes and restarts.
+    pub fn fresh_group_id(&self) -> GroupId {
+        let n = self.group_ids.fetch_add(1, Ordering::Relaxed);
+        GroupId::parse(&format!("g-{}-{}-{n}", self.node_name, self.incarnation))
+            .expect("generated ids use the id grammar")
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_write_buffer_size(self.limits.max_frame_bytes * 4 + (1 << 20))
+            .max_message_size(Some(self.limits.max_frame_bytes))
+            .max_frame_size(Some(self.limits.max_frame_bytes))
+    }
+
+    /// Accepts connections until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = self.slots.clone();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a client connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let gw = self.clone();
+            let slot = slots.clone().try_acquire_owned().ok();
+            tokio::spawn(async move {
+                let full = slot.is_none();
+                if full {
+                    metrics::counter!("convoy_limit_hits_total", "limit" => "max_connections").increment(1);
+                }
+                #[allow(clippy::result_large_err)]
+                let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                    tcp,
+                    |req: &Request, resp: Response| check_upgrade(req, resp, full),
+                    Some(gw.ws_config()),
+                );
+                match tokio::time::timeout(gw.limits.hello_timeout, ws).await {
+                    Ok(Ok(ws)) => connection::serve(ws, gw, peer).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
+                    Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
+                }
+                drop(slot);
+            });
+        }
+    }
+}
+
+fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(Some(body.to_string()));
+    *resp.status_mut() = status;
+    resp
+}
+
+#[allow(clippy::result_large_err)] // the signature tungstenite's handshake callback requires
+fn check_upgrade(req: &Request, resp: Response, full: bool) -> Result<Response, ErrorResponse> {
+    if req.uri().path() != "/v1/ws" {
+        return Err(refuse(StatusCode::NOT_FOUND, "Convoy speaks protocol v1 at /v1/ws"));
+    }
+    if full {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is at its connection limit; try another node"));
+    }
+    Ok(resp)
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}

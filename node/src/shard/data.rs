@@ -1,0 +1,174 @@
+//! What a group's state machine shares with the rest of the node: committed entity
+//! states (cached, bounded), stored entries, the timer index, and the hook that hands
+//! applied effects to the leader's entity actors.
+
+use std::collections::{BTreeSet, HashMap};
+use std::num::NonZeroUsize;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use convoy_actors::domain::{EntityState, LogReader, Timer, TimerChange};
+use convoy_actors::group::Entry as LogEntry;
+use convoy_actors::{EntityKey, StorageFault, Timestamp};
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use super::RaftGroupId;
+use super::state_machine::{AppliedEffects, AppliedSink};
+use crate::store::{Store, StoreError, codec, keys};
+
+/// Deadlines of every entity in the group, earliest first.
+#[derive(Default)]
+struct TimerIndex {
+    by_due: BTreeSet<(Timestamp, EntityKey, Timer)>,
+    due_of: HashMap<(EntityKey, Timer), Timestamp>,
+}
+
+impl TimerIndex {
+    fn set(&mut self, key: EntityKey, timer: Timer, due: Timestamp) {
+        self.clear(&key, &timer);
+        self.by_due.insert((due, key.clone(), timer));
+        self.due_of.insert((key, timer), due);
+    }
+    fn clear(&mut self, key: &EntityKey, timer: &Timer) {
+        if let Some(due) = self.due_of.remove(&(key.clone(), *timer)) {
+            self.by_due.remove(&(due, key.clone(), *timer));
+        }
+    }
+}
+
+pub struct ShardData {
+    group: RaftGroupId,
+    store: Store,
+    cache: Mutex<LruCache<EntityKey, Option<Arc<EntityState>>>>,
+    timers: Mutex<TimerIndex>,
+    timers_changed: Notify,
+    sink: RwLock<Option<Arc<dyn AppliedSink>>>,
+}
+
+fn fault(e: StoreError) -> StorageFault {
+    StorageFault(e.to_string())
+}
+
+impl ShardData {
+    pub fn new(group: RaftGroupId, store: Store, cache_entities: usize) -> ShardData {
+        let cap = NonZeroUsize::new(cache_entities.max(16)).expect("at least 16");
+        ShardData {
+            group,
+            store,
+            cache: Mutex::new(LruCache::new(cap)),
+            timers: Mutex::new(TimerIndex::default()),
+            timers_changed: Notify::new(),
+            sink: RwLock::new(None),
+        }
+    }
+
+    pub fn group(&self) -> RaftGroupId {
+        self.group
+    }
+
+    /// The committed state of `key`, `None` if it does not exist. A cache miss reads the
+    /// engine and does not fill the cache: only the state machine fills it, so a reader
+    /// can never put back a state older than one just applied.
+    pub fn state(&self, key: &EntityKey) -> Result<Option<Arc<EntityState>>, StoreError> {
+        if let Some(hit) = self.cache.lock().get(key) {
+            metrics::counter!("convoy_entity_cache_hits_total").increment(1);
+            return Ok(hit.clone());
+        }
+        metrics::counter!("convoy_entity_cache_misses_total").increment(1);
+        Ok(self.store.get::<EntityState>("entity state", &keys::state(self.group, key))?.map(Arc::new))
+    }
+
+    pub fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+        self.store.get("idempotency record", &keys::idempotency(self.group, key, idem)).map_err(fault)
+    }
+
+    /// Makes states written by the state machine visible to readers.
+    pub(super) fn publish(&self, states: impl Iterator<Item = (EntityKey, Option<Arc<EntityState>>)>) {
+        let mut cache = self.cache.lock();
+        for (k, s) in states {
+            cache.put(k, s);
+        }
+    }
+
+    pub(super) fn apply_timer_changes(&self, changes: Vec<(EntityKey, TimerChange)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut idx = self.timers.lock();
+        for (key, change) in changes {
+            match change {
+                TimerChange::Set { timer, due } => idx.set(key, timer, due),
+                TimerChange::Cleared { timer } => idx.clear(&key, &timer),
+            }
+        }
+        metrics::gauge!("convoy_timers", "group" => self.group.to_string()).set(idx.by_due.len() as f64);
+        drop(idx);
+        self.timers_changed.notify_waiters();
+    }
+
+    /// Rebuilds the timer index from storage (startup, snapshot install).
+    pub(super) fn reload_timers(&self) -> Result<(), StoreError> {
+        let (lo, hi) = keys::timers(self.group);
+        let rows: Vec<(Vec<u8>, (EntityKey, Timer, Timestamp))> = self.store.scan("timer", (&lo, &hi), usize::MAX)?;
+        let mut idx = TimerIndex::default();
+        for (_, (key, timer, due)) in rows {
+            idx.set(key, timer, due);
+        }
+        *self.timers.lock() = idx;
+        self.timers_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Forgets cached states after the stored ones were replaced wholesale.
+    pub(super) fn reset(&self) -> Result<(), StoreError> {
+        self.cache.lock().clear();
+        self.reload_timers()
+    }
+
+    /// The earliest deadline, if any.
+    pub fn next_due(&self) -> Option<(Timestamp, EntityKey, Timer)> {
+        self.timers.lock().by_due.first().cloned()
+    }
+
+    /// Deadlines at or before `now`, earliest first, at most `limit`.
+    pub fn due(&self, now: Timestamp, limit: usize) -> Vec<(EntityKey, Timer)> {
+        self.timers
+            .lock()
+            .by_due
+            .iter()
+            .take_while(|(due, _, _)| *due <= now)
+            .take(limit)
+            .map(|(_, k, t)| (k.clone(), *t))
+            .collect()
+    }
+
+    /// Resolves when the timer index changes.
+    pub async fn timers_changed(&self) {
+        self.timers_changed.notified().await
+    }
+
+    pub fn set_sink(&self, sink: Option<Arc<dyn AppliedSink>>) {
+        *self.sink.write() = sink;
+    }
+
+    pub(super) fn deliver(&self, effects: Vec<AppliedEffects>) {
+        if let Some(sink) = self.sink.read().as_ref() {
+            sink.applied(effects);
+        }
+    }
+}
+
+impl LogReader for ShardData {
+    fn read_entries(&self, key: &EntityKey, after: u64, limit: u32) -> Result<Vec<LogEntry>, StorageFault> {
+        let start = keys::entry(self.group, key, after.saturating_add(1));
+        let (_, end) = keys::entries(self.group, key);
+        let rows = self
+            .store
+            .engine()
+            .range(Bound::Included(&start), Bound::Excluded(&end), false, limit as usize)
+            .map_err(fault)?;
+        rows.into_iter().map(|(_, v)| codec::decode::<LogEntry>("log entry", &v).map_err(fault)).collect()
+    }
+}

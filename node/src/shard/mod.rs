@@ -1,0 +1,273 @@
+//! Shard hosts: one Raft group per shard, and what the node does for the shards it leads.
+//!
+//! A `ShardHost` owns its group's Raft, its state machine data and, while this node leads
+//! the group, the entity actors and timers of the shard's entities. Leadership is only
+//! trusted after a linearizable read barrier: by then every entry of earlier terms is
+//! applied, so actors start from the replicated state.
+
+mod data;
+pub mod network;
+mod state_machine;
+mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use convoy_actors::behavior::Request;
+use convoy_actors::domain::{self, Command, Query, Reply};
+use convoy_actors::{EntityKey, ErrorCode, Rejection, Timestamp};
+pub use data::ShardData;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::{Config, ReadPolicy, ServerState};
+pub use state_machine::{AppliedEffects, AppliedSink, ShardStateMachine};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+pub use types::*;
+
+use crate::entity::EntityHost;
+use crate::store::raft_log::RaftLog;
+use crate::store::{Store, StoreError};
+use network::{Network, NetworkFactory, RaftTransport};
+
+/// Raft timing and sizing, from `raft.*` in the configuration.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    pub snapshot_every_entries: u64,
+    pub max_payload_entries: u64,
+}
+
+impl RaftSettings {
+    fn openraft_config(&self, group: RaftGroupId) -> Result<Arc<Config>, ShardError> {
+        let config = Config {
+            cluster_name: format!("convoy-{group}"),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_min.as_millis() as u64,
+            election_timeout_max: self.election_max.as_millis() as u64,
+            max_payload_entries: self.max_payload_entries,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: 1000,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        Ok(Arc::new(config.validate().map_err(|e| ShardError::Config(e.to_string()))?))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Whether this node may serve the shard's entities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leadership {
+    /// Someone else leads (or nobody yet).
+    Following { leader: Option<NodeId> },
+    /// This node leads and has passed the read barrier of its term.
+    Leading { term: u64 },
+}
+
+pub struct ShardHost {
+    group: RaftGroupId,
+    node: NodeId,
+    raft: Raft,
+    data: Arc<ShardData>,
+    entities: Arc<EntityHost>,
+    leadership: watch::Receiver<Leadership>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub fn now() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+fn unavailable(message: impl Into<String>) -> Rejection {
+    Rejection::new(ErrorCode::Unavailable, message)
+}
+
+/// Everything a shard host needs to start.
+pub struct ShardParts<T> {
+    pub group: RaftGroupId,
+    pub node: NodeId,
+    pub store: Store,
+    pub transport: Arc<T>,
+    pub settings: RaftSettings,
+    pub snapshot_root: PathBuf,
+    pub cache_entities: usize,
+    pub entities: Arc<EntityHost>,
+}
+
+impl ShardHost {
+    pub async fn start<T: RaftTransport>(parts: ShardParts<T>) -> Result<Arc<ShardHost>, ShardError> {
+        let ShardParts { group, node, store, transport, settings, snapshot_root, cache_entities, entities } = parts;
+        let data = Arc::new(ShardData::new(group, store.clone(), cache_entities));
+        let sm = ShardStateMachine::open(group, store.clone(), data.clone(), snapshot_root)?;
+        let log = RaftLog::new(group, store);
+        let network = NetworkFactory::new(Network::new(transport), group);
+        let raft = Raft::new(node, settings.openraft_config(group)?, network, log, sm)
+            .await
+            .map_err(|e| ShardError::Raft(e.to_string()))?;
+        let (tx, rx) = watch::channel(Leadership::Following { leader: None });
+        entities.attach(data.clone());
+        let watcher = tokio::spawn(watch_leadership(group, node, raft.clone(), data.clone(), entities.clone(), tx));
+        Ok(Arc::new(ShardHost { group, node, raft, data, entities, leadership: rx, tasks: vec![watcher] }))
+    }
+
+    pub fn group(&self) -> RaftGroupId {
+        self.group
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn data(&self) -> &Arc<ShardData> {
+        &self.data
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.borrow().clone()
+    }
+
+    pub fn watch_leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    /// Makes this node the only member of the group if the group was never initialized.
+    pub async fn initialize_alone(&self, addr: NodeAddr) -> Result<(), ShardError> {
+        if self.raft.is_initialized().await.map_err(|e| ShardError::Raft(e.to_string()))? {
+            return Ok(());
+        }
+        let members = BTreeMap::from([(self.node, addr)]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ShardError::Raft(e.to_string())),
+        }
+    }
+
+    fn check_leading(&self) -> Result<(), Rejection> {
+        match &*self.leadership.borrow() {
+            Leadership::Leading { .. } => Ok(()),
+            Leadership::Following { .. } => Err(unavailable(format!("{} is not led here", self.group))),
+        }
+    }
+
+    /// Hands `req` to the entity's actor (started on demand).
+    pub async fn request(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
+        self.check_leading()?;
+        self.entities.request(key, req).await
+    }
+
+    /// Appends a command for `key` and waits for it to be applied.
+    pub async fn propose(&self, key: EntityKey, cmd: Command) -> Result<Reply, Rejection> {
+        self.check_leading()?;
+        let req = RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: None });
+        match self.raft.client_write(req).await {
+            Ok(resp) => match resp.response() {
+                ApplyResult::Entity(reply) => (**reply).clone(),
+                ApplyResult::Nothing => {
+                    Err(Rejection::new(ErrorCode::Internal, "an entity command applied to nothing"))
+                }
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(unavailable(format!("{} moved to another leader ({:?}); retry", self.group, f.leader_id)))
+            }
+            Err(e) => Err(unavailable(format!("{} could not commit: {e}", self.group))),
+        }
+    }
+
+    /// A linearizable read of `key`'s committed state.
+    pub async fn query(&self, key: EntityKey, q: Query) -> Result<Reply, Rejection> {
+        self.check_leading()?;
+        self.raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| unavailable(format!("{} cannot confirm its leadership: {e}", self.group)))?;
+        let state = self.data.state(&key).map_err(|e| Rejection::new(ErrorCode::Internal, e.to_string()))?;
+        domain::query(&key, state.as_deref(), q, &*self.data)
+            .map_err(|e| Rejection::new(ErrorCode::Internal, e.to_string()))?
+    }
+
+    pub async fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.entities.stop_all();
+        self.data.set_sink(None);
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+/// Follows the group's Raft metrics. On gaining leadership: read barrier, then serve
+/// entities and run timers. On losing it: stop every entity actor of the shard at once,
+/// so none acts on a stale view.
+async fn watch_leadership(
+    group: RaftGroupId,
+    node: NodeId,
+    raft: Raft,
+    data: Arc<ShardData>,
+    entities: Arc<EntityHost>,
+    tx: watch::Sender<Leadership>,
+) {
+    let mut metrics = raft.metrics();
+    let mut timers: Option<JoinHandle<()>> = None;
+    loop {
+        let (state, term, leader) = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_term, m.current_leader)
+        };
+        let leading = state == ServerState::Leader && leader == Some(node);
+        let was_leading_term = match &*tx.borrow() {
+            Leadership::Leading { term } => Some(*term),
+            Leadership::Following { .. } => None,
+        };
+        if leading && was_leading_term != Some(term) {
+            if raft.ensure_linearizable(ReadPolicy::ReadIndex).await.is_err() {
+                // Not confirmed yet (or lost again): look again shortly, metrics may not move.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            tracing::info!(%group, term, "leading");
+            metrics::counter!("convoy_leader_changes_total", "group" => group.to_string()).increment(1);
+            entities.start_serving();
+            timers.get_or_insert_with(|| tokio::spawn(crate::entity::run_timers(data.clone(), entities.clone())));
+            let _ = tx.send(Leadership::Leading { term });
+        } else if !leading && was_leading_term.is_some() {
+            tracing::info!(%group, ?leader, "stepped down");
+            if let Some(t) = timers.take() {
+                t.abort();
+            }
+            entities.stop_all();
+            let _ = tx.send(Leadership::Following { leader });
+        } else if !leading {
+            tx.send_if_modified(|l| {
+                let next = Leadership::Following { leader };
+                if *l != next {
+                    *l = next;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        if metrics.changed().await.is_err() {
+            if let Some(t) = timers.take() {
+                t.abort();
+            }
+            entities.stop_all();
+            return;
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The state machine of one Raft group: applies committed entries to entities with the
+//! domain's `apply`, persists what comes out, and answers the proposer.
+//!
+//! Writes of one `apply` call are one storage batch, with the last-applied log id in the
+//! same batch, so a crash leaves the state either before or after the whole call. States
+//! become visible to readers (`ShardData`) only once that batch is written, so a reader
+//! never sees an entity ahead of its stored entries.
+
+use std::collections::HashMap;
+use std::io::{self, Cursor};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use convoy_actors::domain::{self, EntityState, LogIndex, Notice, TimerChange};
+use convoy_actors::group::Entry as LogEntry;
+use convoy_actors::{EntityKey, StorageFault, Timestamp};
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::data::ShardData;
+use super::{ApplyResult, LogId, RaftGroupId, RaftRequest, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
+
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+/// What one applied command leaves for the leader's entity actor.
+pub struct AppliedEffects {
+    pub key: EntityKey,
+    pub appended: Vec<LogEntry>,
+    pub notices: Vec<Notice>,
+}
+
+/// Receives what was applied, on the node that leads the group.
+pub trait AppliedSink: Send + Sync + 'static {
+    fn applied(&self, effects: Vec<AppliedEffects>);
+}
+
+/// Last applied log id and membership: stored with every apply batch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct AppliedMeta {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+pub struct ShardStateMachine {
+    group: RaftGroupId,
+    store: Store,
+    data: Arc<ShardData>,
+    meta: AppliedMeta,
+    snapshot_dir: PathBuf,
+    /// The file of the snapshot last built or installed.
+    current: Arc<Mutex<Option<PathBuf>>>,
+}
+
+impl ShardStateMachine {
+    pub fn open(
+        group: RaftGroupId,
+        store: Store,
+        data: Arc<ShardData>,
+        snapshot_root: PathBuf,
+    ) -> Result<Self, StoreError> {
+        let meta: AppliedMeta = store.get("applied log id", &keys::applied(group))?.unwrap_or_default();
+        let snapshot_dir = snapshot_root.join(group.to_string());
+        std::fs::create_dir_all(&snapshot_dir)
+            .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", snapshot_dir.display())))?;
+        let current = latest_snapshot(&snapshot_dir)?;
+        data.reload_timers()?;
+        Ok(ShardStateMachine { group, store, data, meta, snapshot_dir, current: Arc::new(Mutex::new(current)) })
+    }
+}
+
+/// Finds the newest snapshot file of a group (names sort by log index).
+fn latest_snapshot(dir: &std::path::Path) -> Result<Option<PathBuf>, StoreError> {
+    let io_err = |e: io::Error| StoreError::Engine(format!("reading {}: {e}", dir.display()));
+    let mut newest: Option<PathBuf> = None;
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let path = entry.map_err(io_err)?.path();
+        if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| path > *n) {
+            newest = Some(path);
+        }
+    }
+    Ok(newest)
+}
+
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(l) => format!("{:020}-{}.snap", l.index(), l.committed_leader_id()),
+        None => "00000000000000000000-none.snap".to_string(),
+    }
+}
+
+/// Writes `file` as the group's current snapshot and removes older ones.
+fn save_snapshot(dir: &std::path::Path, file: &SnapshotFile) -> Result<PathBuf, io::Error> {
+    let path = dir.join(snapshot_name(&file.meta));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, codec::encode(file))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p != path && p.extension().is_some_and(|e| e == "snap" || e == "tmp") {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(path)
+}
+
+/// Idempotency keys written earlier in the same apply batch, in front of the engine.
+struct BatchIndex<'a> {
+    data: &'a ShardData,
+    pending: &'a HashMap<(EntityKey, String), (u64, Timestamp)>,
+}
+
+impl LogIndex for BatchIndex<'_> {
+    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+        if let Some(hit) = self.pending.get(&(key.clone(), idem.to_string())) {
+            return Ok(Some(*hit));
+        }
+        self.data.find_idempotent(key, idem)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for ShardStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.meta.last_applied, self.meta.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let group = self.group;
+        let mut batch = WriteBatch::new();
+        let mut states: HashMap<EntityKey, Option<EntityState>> = HashMap::new();
+        let mut changed: Vec<EntityKey> = Vec::new();
+        let mut pending_idem = HashMap::new();
+        let mut replies = Vec::new();
+        let mut effects = Vec::new();
+        let mut timer_changes = Vec::new();
+        let mut count = 0u64;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            count += 1;
+            let log_id = entry.log_id();
+            self.meta.last_applied = Some(log_id);
+            let result = match entry.payload {
+                EntryPayload::Blank => ApplyResult::Nothing,
+                EntryPayload::Membership(m) => {
+                    self.meta.membership = StoredMembership::new(Some(log_id), m);
+                    ApplyResult::Nothing
+                }
+                EntryPayload::Normal(RaftRequest::Entity(c)) => {
+                    let state = match states.get_mut(&c.key) {
+                        Some(s) => s,
+                        None => {
+                            let loaded = self.data.state(&c.key)?.map(|s| (*s).clone());
+                            states.entry(c.key.clone()).or_insert(loaded)
+                        }
+                    };
+                    let index = BatchIndex { data: &self.data, pending: &pending_idem };
+                    let outcome = domain::apply(&c.key, state, c.cmd, c.at, &index).map_err(io::Error::other)?;
+                    if outcome.state_changed && !changed.contains(&c.key) {
+                        changed.push(c.key.clone());
+                    }
+                    for e in &outcome.appended {
+                        batch.put(keys::entry(group, &c.key, e.seq), codec::encode(e));
+                        if let Some(idem) = e.idempotency_key() {
+                            batch.put(keys::idempotency(group, &c.key, &idem), codec::encode(&(e.seq, e.ts)));
+                            pending_idem.insert((c.key.clone(), idem), (e.seq, e.ts));
+                        }
+                    }
+                    for t in &outcome.timers {
+                        let timer_key = keys::timer(group, &c.key, &codec::encode(timer_of(t)));
+                        match t {
+                            TimerChange::Set { timer, due } => {
+                                batch.put(timer_key, codec::encode(&(c.key.clone(), *timer, *due)))
+                            }
+                            TimerChange::Cleared { .. } => batch.delete(timer_key),
+                        }
+                        timer_changes.push((c.key.clone(), t.clone()));
+                    }
+                    if !outcome.appended.is_empty() || !outcome.notices.is_empty() {
+                        effects.push(AppliedEffects {
+                            key: c.key,
+                            appended: outcome.appended,
+                            notices: outcome.notices,
+                        });
+                    }
+                    ApplyResult::Entity(Arc::new(outcome.reply))
+                }
+            };
+            if let Some(responder) = responder {
+                replies.push((responder, result));
+            }
+        }
+        for key in &changed {
+            if let Some(Some(state)) = states.get(key) {
+                batch.put(keys::state(group, key), codec::encode(state));
+            }
+        }
+        batch.put(keys::applied(group), codec::encode(&self.meta));
+        self.store.writer().write(batch, Durability::Visible).await?;
+        // Readers see the new states only now that their entries are stored.
+        self.data.publish(changed.into_iter().map(|k| {
+            let s = states.remove(&k).flatten().map(Arc::new);
+            (k, s)
+        }));
+        self.data.apply_timer_changes(timer_changes);
+        metrics::histogram!("convoy_apply_batch_entries").record(count as f64);
+        for (responder, result) in replies {
+            responder.send(result);
+        }
+        if !effects.is_empty() {
+            self.data.deliver(effects);
+        }
+        Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
+        Some(self.get_snapshot_builder().await)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // sled has no point-in-time view; this runs in order with `apply`, so the cut taken
+        // here is consistent with `meta`.
+        let (lo, hi) = keys::state_machine(self.group);
+        let rows = self.store.engine().range(
+            std::ops::Bound::Included(&lo),
+            std::ops::Bound::Excluded(&hi),
+            false,
+            usize::MAX,
+        );
+        SnapshotBuilder {
+            meta: SnapshotMeta { last_log_id: self.meta.last_applied, last_membership: self.meta.membership.clone() },
+            rows: rows.map_err(io::Error::from),
+            dir: self.snapshot_dir.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = codec::decode("snapshot data", snapshot.get_ref())?;
+        let (lo, hi) = keys::state_machine(self.group);
+        let mut batch = WriteBatch::new();
+        batch.delete_range(lo.clone(), hi.clone());
+        for (k, v) in &rows {
+            if k.as_slice() < lo.as_slice() || k.as_slice() >= hi.as_slice() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot holds a key outside its group"));
+            }
+            batch.put(k.clone(), v.clone());
+        }
+        self.meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        batch.put(keys::applied(self.group), codec::encode(&self.meta));
+        self.store.writer().write(batch, Durability::Durable).await?;
+        self.data.reset()?;
+        let file = SnapshotFile { meta: meta.clone(), data: snapshot.into_inner() };
+        let path = save_snapshot(&self.snapshot_dir, &file)?;
+        *self.current.lock() = Some(path);
+        metrics::counter!("convoy_snapshots_installed_total").increment(1);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(path) = self.current.lock().clone() else { return Ok(None) };
+        let file: SnapshotFile = codec::decode("snapshot file", &std::fs::read(&path)?)?;
+        Ok(Some(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) }))
+    }
+}
+
+fn timer_of(t: &TimerChange) -> &domain::Timer {
+    match t {
+        TimerChange::Set { timer, .. } | TimerChange::Cleared { timer } => timer,
+    }
+}
+
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+pub struct SnapshotBuilder {
+    meta: SnapshotMeta,
+    /// The consistent cut, taken when the builder was created.
+    rows: Result<Rows, io::Error>,
+    dir: PathBuf,
+    /// The file of the snapshot last built or installed.
+    current: Arc<Mutex<Option<PathBuf>>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
+        let file = SnapshotFile { meta: self.meta.clone(), data: codec::encode(&rows) };
+        let dir = self.dir.clone();
+        let (file, path) = tokio::task::spawn_blocking(move || save_snapshot(&dir, &file).map(|p| (file, p)))
+            .await
+            .map_err(io::Error::other)??;
+        *self.current.lock() = Some(path);
+        metrics::counter!("convoy_snapshots_built_total").increment(1);
+        Ok(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) })
+    }
+}

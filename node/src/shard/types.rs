@@ -1,0 +1,107 @@
+//! The Raft type configuration shared by every group a node runs: one per shard, plus the
+//! metadata group.
+
+use std::fmt;
+use std::sync::Arc;
+
+use convoy_actors::domain::{Command, Reply};
+use convoy_actors::{EntityKey, Rejection, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// A Raft group: shard `0..shards`, or the metadata group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RaftGroupId(pub u16);
+
+impl RaftGroupId {
+    /// The metadata group: cluster members and shard placement.
+    pub const META: RaftGroupId = RaftGroupId(u16::MAX);
+
+    pub fn is_meta(self) -> bool {
+        self == Self::META
+    }
+}
+
+impl fmt::Display for RaftGroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_meta() { f.write_str("meta") } else { write!(f, "shard-{}", self.0) }
+    }
+}
+
+/// A node's Raft id: a hash of its name and the incarnation of its data directory, so a
+/// node whose disk was wiped rejoins as a new member instead of reverting its log.
+pub type NodeId = u64;
+
+/// Where a node can be reached. Carried in Raft membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeAddr {
+    pub name: String,
+    pub cluster_addr: String,
+    pub client_url: String,
+    pub admin_url: String,
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.cluster_addr)
+    }
+}
+
+/// One command for an entity, as it sits in the log. `at` is the proposing leader's clock:
+/// every replica applies with the same time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityCommand {
+    pub key: EntityKey,
+    pub cmd: Command,
+    pub at: Timestamp,
+    /// W3C traceparent of the request that caused it, so apply spans join its trace.
+    pub traceparent: Option<String>,
+}
+
+/// A log entry's application payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RaftRequest {
+    Entity(EntityCommand),
+}
+
+impl fmt::Display for RaftRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RaftRequest::Entity(c) => write!(f, "{} at {}", c.key, c.at.0),
+        }
+    }
+}
+
+/// What applying an entry answered. Only ever handed to the local proposer, never stored
+/// or sent, so its serde impls refuse to work rather than invent a wire form.
+#[derive(Debug, Clone)]
+pub enum ApplyResult {
+    Entity(Arc<Result<Reply, Rejection>>),
+    Nothing,
+}
+
+impl Serialize for ApplyResult {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("apply results are local to the proposer and never serialized"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ApplyResult {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("apply results are local to the proposer and never deserialized"))
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = RaftRequest,
+        R = ApplyResult,
+        NodeId = NodeId,
+        Node = NodeAddr,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, super::state_machine::ShardStateMachine>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;

@@ -1,0 +1,224 @@
+//! openraft log storage for one Raft group.
+//!
+//! Entries are stored in segments: each append writes its (consecutive) entries under the
+//! key of the first one, so the log costs one engine insert per append rather than one per
+//! entry; that is most of the difference between sled keeping up with the load and not.
+//! Reads find the segment holding the first wanted index and walk forward.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+
+use super::engine::WriteBatch;
+use super::{Durability, Store, StoreError, codec, keys};
+use crate::shard::{Entry, LogId, RaftGroupId, TypeConfig, Vote};
+
+/// Entries per segment at most (an append larger than this is split).
+const SEGMENT_ENTRIES: usize = 256;
+/// Encoded bytes per segment, roughly at most.
+const SEGMENT_BYTES: usize = 1 << 20;
+/// Segments fetched from the engine per step while reading.
+const READ_STEP: usize = 8;
+
+#[derive(Clone)]
+pub struct RaftLog {
+    group: RaftGroupId,
+    store: Store,
+}
+
+impl RaftLog {
+    pub fn new(group: RaftGroupId, store: Store) -> RaftLog {
+        RaftLog { group, store }
+    }
+
+    fn decode_segment(bytes: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        codec::decode("raft log segment", bytes)
+    }
+
+    /// Entries with index in `[start, end)`, ascending.
+    fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let (lo, hi) = keys::segments(self.group);
+        let engine = self.store.engine();
+        // The segment holding `start` begins at or before it.
+        let first = engine.range(Bound::Included(&lo), Bound::Included(&keys::segment(self.group, start)), true, 1)?;
+        let mut cursor = match first.into_iter().next() {
+            Some((k, _)) => k,
+            None => keys::segment(self.group, start),
+        };
+        loop {
+            let batch = engine.range(Bound::Included(&cursor), Bound::Excluded(&hi), false, READ_STEP)?;
+            let Some((last_key, _)) = batch.last() else { return Ok(out) };
+            let mut next = last_key.clone();
+            next.push(0);
+            for (_, v) in &batch {
+                for e in Self::decode_segment(v)? {
+                    let i = e.index();
+                    if i >= end {
+                        return Ok(out);
+                    }
+                    if i >= start {
+                        out.push(e);
+                    }
+                }
+            }
+            if batch.len() < READ_STEP {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, StoreError> {
+        let (lo, hi) = keys::segments(self.group);
+        let last = self.store.engine().range(Bound::Included(&lo), Bound::Excluded(&hi), true, 1)?;
+        match last.into_iter().next() {
+            None => Ok(None),
+            Some((_, v)) => Ok(Self::decode_segment(&v)?.pop()),
+        }
+    }
+
+    /// First indexes of the segments starting at or before `index`.
+    fn segment_starts_through(&self, index: u64) -> Result<Vec<u64>, StoreError> {
+        let (lo, _) = keys::segments(self.group);
+        let rows = self.store.engine().range(
+            Bound::Included(&lo),
+            Bound::Included(&keys::segment(self.group, index)),
+            false,
+            usize::MAX,
+        )?;
+        Ok(rows.iter().filter_map(|(k, _)| keys::segment_index(k)).collect())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for RaftLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        Ok(self.read(start, end)?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.store.get("raft vote", &keys::vote(self.group))?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RaftLog {
+    type LogReader = RaftLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogId> = self.store.get("raft purged log id", &keys::purged(self.group))?;
+        let last_log_id = match self.last_entry()? {
+            Some(e) => Some(e.log_id()),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        // A vote must be durable before the node acts on it.
+        Ok(self.store.put(keys::vote(self.group), vote, Durability::Durable).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not needed for safety: it lets a restarted node apply what it knows is committed
+        // without waiting for a leader.
+        Ok(self.store.put(keys::committed(self.group), &committed, Durability::Visible).await?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.store.get::<Option<LogId>>("raft committed log id", &keys::committed(self.group))?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = WriteBatch::new();
+        let mut segment: Vec<Entry> = Vec::new();
+        let mut segment_bytes = 0;
+        let flush_segment = |segment: &mut Vec<Entry>, batch: &mut WriteBatch| {
+            if let Some(first) = segment.first() {
+                batch.put(keys::segment(self.group, first.index()), codec::encode(&*segment));
+                segment.clear();
+            }
+        };
+        for entry in entries {
+            segment_bytes += entry_size_hint(&entry);
+            segment.push(entry);
+            if segment.len() >= SEGMENT_ENTRIES || segment_bytes >= SEGMENT_BYTES {
+                flush_segment(&mut segment, &mut batch);
+                segment_bytes = 0;
+            }
+        }
+        flush_segment(&mut segment, &mut batch);
+        metrics::counter!("convoy_raft_appends_total").increment(1);
+        self.store
+            .writer()
+            .write_visible_then_durable(batch, move |r| callback.io_completed(r.map_err(io::Error::from)))
+            .await?;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let start = last_log_id.as_ref().map_or(0, |l| l.index() + 1);
+        let (_, hi) = keys::segments(self.group);
+        let mut batch = WriteBatch::new();
+        batch.delete_range(keys::segment(self.group, start), hi);
+        // A segment that straddles `start` keeps its head.
+        if let Some(&first) = self.segment_starts_through(start.saturating_sub(1))?.last()
+            && first < start
+        {
+            let kept: Vec<Entry> = self.read(first, start)?;
+            if !kept.is_empty() {
+                batch.put(keys::segment(self.group, first), codec::encode(&kept));
+            }
+        }
+        Ok(self.store.writer().write(batch, Durability::Durable).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let index = log_id.index();
+        let mut batch = WriteBatch::new();
+        // Record the purge point first: entries at or below it are never read again.
+        batch.put(keys::purged(self.group), codec::encode(&log_id));
+        let starts = self.segment_starts_through(index.saturating_add(1))?;
+        for pair in starts.windows(2) {
+            // A segment is wholly purged when the next one starts at or before index + 1.
+            if pair[1] <= index + 1 {
+                batch.delete(keys::segment(self.group, pair[0]));
+            }
+        }
+        Ok(self.store.writer().write(batch, Durability::Visible).await?)
+    }
+}
+
+fn entry_size_hint(e: &Entry) -> usize {
+    use openraft::EntryPayload;
+    match &e.payload {
+        EntryPayload::Normal(_) => 256,
+        _ => 64,
+    }
+}
