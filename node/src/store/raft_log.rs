@@ -125,9 +125,11 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self.store.get("raft purged log id", &keys::purged(self.group))?;
-        let last_log_id = match self.last_entry()? {
-            Some(e) => Some(e.log_id()),
-            None => last_purged_log_id,
+        // Entries at or below the purge point may linger in a partly purged segment.
+        let last_log_id = match (self.last_entry()?, last_purged_log_id) {
+            (Some(e), Some(p)) if e.index() <= p.index() => Some(p),
+            (Some(e), _) => Some(e.log_id()),
+            (None, p) => p,
         };
         Ok(LogState { last_purged_log_id, last_log_id })
     }
@@ -210,6 +212,13 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
             if pair[1] <= index + 1 {
                 batch.delete(keys::segment(self.group, pair[0]));
             }
+        }
+        // The last segment has no successor to tell: look at its last entry.
+        if let Some(&last) = starts.last()
+            && let Some(e) = self.last_entry()?
+            && e.index() <= index
+        {
+            batch.delete(keys::segment(self.group, last));
         }
         Ok(self.store.writer().write(batch, Durability::Visible).await?)
     }
