@@ -51,6 +51,18 @@ pub enum MemberRole {
 }
 
 impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Owner => "owner",
+            MemberRole::Agent => "agent",
+            MemberRole::Dispatcher => "dispatcher",
+            MemberRole::Driver => "driver",
+            MemberRole::Customer => "customer",
+            MemberRole::Station => "station",
+            MemberRole::Observer => "observer",
+        }
+    }
+
     /// Owners, agents and dispatchers may invite, remove and close.
     pub fn manages(self) -> bool {
         matches!(self, MemberRole::Owner | MemberRole::Agent | MemberRole::Dispatcher)
@@ -350,8 +362,8 @@ impl GroupState {
         match self.members.get(&by.user) {
             Some(m) if m.role.manages() => Ok(()),
             Some(m) => Err(Rejection::forbidden(format!(
-                "a {:?} may not manage members or close the group; owners, agents and dispatchers may",
-                m.role
+                "a {} may not manage members or close the group; owners, agents and dispatchers may",
+                m.role.as_str()
             ))),
             None => Err(not_a_member()),
         }
@@ -422,7 +434,7 @@ impl GroupState {
                 s.open_check()?;
                 match s.members.get(user) {
                     Some(m) if m.role == *role => Ok(()),
-                    Some(m) => Err(Rejection::conflict(format!("{user} is already a member as {:?}", m.role))),
+                    Some(m) => Err(Rejection::conflict(format!("{user} is already a member as {}", m.role.as_str()))),
                     None if s.members.len() as u32 >= s.limits.max_members => {
                         Err(Rejection::conflict(format!("the group is full ({} members)", s.limits.max_members)))
                     }

@@ -19,7 +19,7 @@ use crate::gateway::{self, Gateway, GatewayLimits, auth::TokenKeys, hub::Hub};
 use crate::router::Router;
 use crate::shard::network::NoPeers;
 use crate::shard::{Leadership, NodeAddr, NodeId, RaftGroupId, RaftSettings, ShardHost, ShardParts};
-use crate::store::{Durability, Store, StoreError, WriteBatch, WriterLimits, keys};
+use crate::store::{Durability, Store, StoreError, WriterLimits, keys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -246,10 +246,7 @@ pub async fn run(
     }
     let _ = admin_task.await;
     // Everything acknowledged is already durable; this makes the rest durable too.
-    store.writer().write(WriteBatch::new(), Durability::Durable).await?;
-    drop(router);
-    drop(runtime);
-    drop(store);
+    store.writer().stop().await;
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("stopped");
     Ok(())

@@ -45,7 +45,12 @@ const EFFECTS_QUEUE: usize = 4096;
 
 #[derive(RactorMessage)]
 pub enum EntityMsg {
-    Request { req: Request, reply: oneshot::Sender<Result<Reply, Rejection>> },
+    /// The actor answers with how to finish the request; a proposal or a call to another
+    /// entity runs in the caller's task, not in the actor.
+    Request {
+        req: Request,
+        reply: oneshot::Sender<Handling>,
+    },
     Applied(AppliedEffects),
 }
 
@@ -202,12 +207,19 @@ impl EntityHost {
             return Err(Rejection::new(ErrorCode::RateLimited, format!("{key} has too many requests queued")));
         }
         let (tx, rx) = oneshot::channel();
+        let started = std::time::Instant::now();
         if actor.cast(EntityMsg::Request { req, reply: tx }).is_err() {
             queued.fetch_sub(1, Ordering::SeqCst);
             self.forget_actor(&actor.get_id());
             return Err(unavailable(format!("{key} was restarting; retry")));
         }
-        rx.await.unwrap_or_else(|_| Err(unavailable(format!("{key} stopped before answering; retry"))))
+        let handling = rx.await;
+        metrics::histogram!("convoy_entity_mailbox_seconds").record(started.elapsed().as_secs_f64());
+        match handling {
+            Ok(Handling::Done(r)) => r,
+            Ok(Handling::Task(task)) => task.await,
+            Err(_) => Err(unavailable(format!("{key} stopped before answering; retry"))),
+        }
     }
 
     fn forget_actor(&self, id: &ActorId) -> Option<EntityKey> {
@@ -305,16 +317,7 @@ impl Actor for EntityActor {
         match msg {
             EntityMsg::Request { req, reply } => {
                 s.queued.fetch_sub(1, Ordering::SeqCst);
-                match behavior::handle(&s.key, state.as_deref(), req, &s.runtime) {
-                    Handling::Done(r) => {
-                        let _ = reply.send(r);
-                    }
-                    Handling::Task(task) => {
-                        tokio::spawn(async move {
-                            let _ = reply.send(task.await);
-                        });
-                    }
-                }
+                let _ = reply.send(behavior::handle(&s.key, state.as_deref(), req, &s.runtime));
             }
             EntityMsg::Applied(effects) => {
                 behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime);

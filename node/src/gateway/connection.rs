@@ -14,7 +14,7 @@ use std::time::Duration;
 use convoy_actors::principal::Principal;
 use convoy_actors::{ErrorCode, Rejection, ops};
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -124,16 +124,27 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                 close_with!(close::UNAUTHORIZED, reason);
             }
             Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                // Feed every reply that is ready, then flush once.
+                let mut ok = feed(&mut sink, reply_text(&id, &result).into()).await;
                 in_flight.remove(&id);
-                if !send!(reply_text(&id, &result)) { break; }
+                while ok {
+                    let Some(Some((id, result))) = pending.next().now_or_never() else { break };
+                    in_flight.remove(&id);
+                    ok = feed(&mut sink, reply_text(&id, &result).into()).await;
+                }
+                while ok {
+                    let Ok(next) = frames_rx.try_recv() else { break };
+                    ok = feed(&mut sink, next).await;
+                }
+                if !ok || !timeout(WRITE_TIMEOUT, sink.flush()).await.is_ok_and(|r| r.is_ok()) { break; }
             }
             Some(first) = frames_rx.recv() => {
                 // Write what is queued in one go, then flush once.
-                let mut ok = timeout(WRITE_TIMEOUT, sink.feed(Message::Text(first))).await.is_ok_and(|r| r.is_ok());
+                let mut ok = feed(&mut sink, first).await;
                 let mut n = 1;
                 while ok && n < WRITE_BATCH {
                     let Ok(next) = frames_rx.try_recv() else { break };
-                    ok = timeout(WRITE_TIMEOUT, sink.feed(Message::Text(next))).await.is_ok_and(|r| r.is_ok());
+                    ok = feed(&mut sink, next).await;
                     n += 1;
                 }
                 if !ok || !timeout(WRITE_TIMEOUT, sink.flush()).await.is_ok_and(|r| r.is_ok()) { break; }
@@ -226,6 +237,13 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
     }
     metrics::gauge!("convoy_connections").decrement(1.0);
     tracing::debug!(%peer, user = ?session.as_ref().map(|s| s.principal.user.to_string()), "connection closed");
+}
+
+type WsSink = futures::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+
+/// Queues a frame in the write buffer; false if the connection is done for.
+async fn feed(sink: &mut WsSink, text: Utf8Bytes) -> bool {
+    matches!(timeout(WRITE_TIMEOUT, sink.feed(Message::Text(text))).await, Ok(Ok(())))
 }
 
 /// Refuses a request the connection cannot take now.

@@ -41,6 +41,8 @@ pub struct GatewayLimits {
 /// Read buffer per connection: tungstenite's default (128 KiB, allocated up front) would
 /// cost ~90 KB per idle socket.
 const READ_BUFFER: usize = 4096;
+/// Bytes buffered before tungstenite writes without an explicit flush.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 pub struct Gateway {
     pub node_name: String,
@@ -97,7 +99,9 @@ impl Gateway {
     fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
+            // Frames queue in the write buffer (it grows on demand) until the connection
+            // flushes, once per batch of ready replies and pushes: one syscall, not one per frame.
+            .write_buffer_size(WRITE_BUFFER)
             .max_write_buffer_size(self.limits.max_frame_bytes * 4 + (1 << 20))
             .max_message_size(Some(self.limits.max_frame_bytes))
             .max_frame_size(Some(self.limits.max_frame_bytes))

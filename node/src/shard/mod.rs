@@ -174,7 +174,10 @@ impl ShardHost {
     pub async fn propose(&self, key: EntityKey, cmd: Command) -> Result<Reply, Rejection> {
         self.check_leading()?;
         let req = RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: None });
-        match self.raft.client_write(req).await {
+        let started = std::time::Instant::now();
+        let written = self.raft.client_write(req).await;
+        metrics::histogram!("convoy_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+        match written {
             Ok(resp) => match resp.response() {
                 ApplyResult::Entity(reply) => (**reply).clone(),
                 ApplyResult::Nothing => {

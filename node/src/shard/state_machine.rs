@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use convoy_actors::domain::{self, EntityState, LogIndex, Notice, TimerChange};
 use convoy_actors::group::Entry as LogEntry;
-use convoy_actors::{EntityKey, StorageFault, Timestamp};
+use convoy_actors::{EntityKey, ErrorCode, Rejection, StorageFault, Timestamp};
 use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -57,6 +57,10 @@ pub struct ShardStateMachine {
     store: Store,
     data: Arc<ShardData>,
     meta: AppliedMeta,
+    unwritten: Arc<Mutex<Unwritten>>,
+    batches: u64,
+    /// Set when a batch failed to be written: the state machine stops applying.
+    broken: Arc<std::sync::atomic::AtomicBool>,
     snapshot_dir: PathBuf,
     /// The file of the snapshot last built or installed.
     current: Arc<Mutex<Option<PathBuf>>>,
@@ -75,7 +79,17 @@ impl ShardStateMachine {
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", snapshot_dir.display())))?;
         let current = latest_snapshot(&snapshot_dir)?;
         data.reload_timers()?;
-        Ok(ShardStateMachine { group, store, data, meta, snapshot_dir, current: Arc::new(Mutex::new(current)) })
+        Ok(ShardStateMachine {
+            group,
+            store,
+            data,
+            meta,
+            unwritten: Arc::default(),
+            batches: 0,
+            broken: Arc::default(),
+            snapshot_dir,
+            current: Arc::new(Mutex::new(current)),
+        })
     }
 }
 
@@ -115,15 +129,30 @@ fn save_snapshot(dir: &std::path::Path, file: &SnapshotFile) -> Result<PathBuf, 
     Ok(path)
 }
 
-/// Idempotency keys written earlier in the same apply batch, in front of the engine.
+/// What earlier `apply` calls produced that the writer has not applied yet. `apply`
+/// returns once its batch is queued (so openraft keeps applying), and answers clients
+/// only when the batch is visible; meanwhile later applies read these first.
+#[derive(Default)]
+struct Unwritten {
+    /// Entity -> (the batch that wrote it, its state).
+    states: HashMap<EntityKey, (u64, Option<Arc<EntityState>>)>,
+    idempotency: HashMap<(EntityKey, String), (u64, (u64, Timestamp))>,
+}
+
+/// Idempotency records in front of the engine: this batch's, then unwritten ones.
 struct BatchIndex<'a> {
     data: &'a ShardData,
     pending: &'a HashMap<(EntityKey, String), (u64, Timestamp)>,
+    unwritten: &'a Mutex<Unwritten>,
 }
 
 impl LogIndex for BatchIndex<'_> {
     fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
-        if let Some(hit) = self.pending.get(&(key.clone(), idem.to_string())) {
+        let k = (key.clone(), idem.to_string());
+        if let Some(hit) = self.pending.get(&k) {
+            return Ok(Some(*hit));
+        }
+        if let Some((_, hit)) = self.unwritten.lock().idempotency.get(&k) {
             return Ok(Some(*hit));
         }
         self.data.find_idempotent(key, idem)
@@ -142,6 +171,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other(format!("{}: an earlier apply batch could not be written", self.group)));
+        }
         let group = self.group;
         let mut batch = WriteBatch::new();
         let mut states: HashMap<EntityKey, Option<EntityState>> = HashMap::new();
@@ -165,11 +197,15 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     let state = match states.get_mut(&c.key) {
                         Some(s) => s,
                         None => {
-                            let loaded = self.data.state(&c.key)?.map(|s| (*s).clone());
-                            states.entry(c.key.clone()).or_insert(loaded)
+                            let unwritten = self.unwritten.lock().states.get(&c.key).map(|(_, s)| s.clone());
+                            let loaded = match unwritten {
+                                Some(s) => s,
+                                None => self.data.state(&c.key)?,
+                            };
+                            states.entry(c.key.clone()).or_insert(loaded.map(|s| (*s).clone()))
                         }
                     };
-                    let index = BatchIndex { data: &self.data, pending: &pending_idem };
+                    let index = BatchIndex { data: &self.data, pending: &pending_idem, unwritten: &self.unwritten };
                     let outcome = domain::apply(&c.key, state, c.cmd, c.at, &index).map_err(io::Error::other)?;
                     if outcome.state_changed && !changed.contains(&c.key) {
                         changed.push(c.key.clone());
@@ -211,20 +247,56 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             }
         }
         batch.put(keys::applied(group), codec::encode(&self.meta));
-        self.store.writer().write(batch, Durability::Visible).await?;
-        // Readers see the new states only now that their entries are stored.
-        self.data.publish(changed.into_iter().map(|k| {
-            let s = states.remove(&k).flatten().map(Arc::new);
-            (k, s)
-        }));
-        self.data.apply_timer_changes(timer_changes);
         metrics::histogram!("convoy_apply_batch_entries").record(count as f64);
-        for (responder, result) in replies {
-            responder.send(result);
+
+        self.batches += 1;
+        let batch_no = self.batches;
+        let written: Vec<(EntityKey, Option<Arc<EntityState>>)> =
+            changed.into_iter().map(|k| (k.clone(), states.remove(&k).flatten().map(Arc::new))).collect();
+        {
+            let mut u = self.unwritten.lock();
+            for (k, s) in &written {
+                u.states.insert(k.clone(), (batch_no, s.clone()));
+            }
+            for (k, v) in pending_idem {
+                u.idempotency.insert(k, (batch_no, v));
+            }
         }
-        if !effects.is_empty() {
-            self.data.deliver(effects);
-        }
+        let (data, unwritten, broken) = (self.data.clone(), self.unwritten.clone(), self.broken.clone());
+        let started = std::time::Instant::now();
+        let on_visible = move |written_ok: Result<(), StoreError>| {
+            metrics::histogram!("convoy_apply_write_seconds").record(started.elapsed().as_secs_f64());
+            if let Err(e) = written_ok {
+                tracing::error!(group = %group, error = %e, "an apply batch could not be written; the shard stops applying");
+                broken.store(true, std::sync::atomic::Ordering::SeqCst);
+                let failed = Rejection::new(ErrorCode::Internal, format!("storage failed: {e}"));
+                for (responder, _) in replies {
+                    responder.send(ApplyResult::Entity(Arc::new(Err(failed.clone()))));
+                }
+                return;
+            }
+            // Readers see the new states only now that their entries are stored; the
+            // overlay is dropped after, so no read falls between the two.
+            let keys: Vec<EntityKey> = written.iter().map(|(k, _)| k.clone()).collect();
+            data.publish(written.into_iter());
+            data.apply_timer_changes(timer_changes);
+            {
+                let mut u = unwritten.lock();
+                for k in keys {
+                    if u.states.get(&k).is_some_and(|(n, _)| *n == batch_no) {
+                        u.states.remove(&k);
+                    }
+                }
+                u.idempotency.retain(|_, (n, _)| *n != batch_no);
+            }
+            for (responder, result) in replies {
+                responder.send(result);
+            }
+            if !effects.is_empty() {
+                data.deliver(effects);
+            }
+        };
+        self.store.writer().submit(batch, Durability::Visible, on_visible).await?;
         Ok(())
     }
 
@@ -251,6 +323,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
+        self.store.writer().barrier().await?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = codec::decode("snapshot data", snapshot.get_ref())?;
         let (lo, hi) = keys::state_machine(self.group);
         let mut batch = WriteBatch::new();

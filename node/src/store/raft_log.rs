@@ -5,12 +5,15 @@
 //! entry; that is most of the difference between sled keeping up with the load and not.
 //! Reads find the segment holding the first wanted index and walk forward.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use parking_lot::Mutex;
 
 use super::engine::WriteBatch;
 use super::{Durability, Store, StoreError, codec, keys};
@@ -23,23 +26,73 @@ const SEGMENT_BYTES: usize = 1 << 20;
 /// Segments fetched from the engine per step while reading.
 const READ_STEP: usize = 8;
 
+/// The newest entries, in memory. `append` returns as soon as its entries are here
+/// (openraft requires them readable on return, not durable), so the Raft core never waits
+/// for a storage cycle; and applying or replicating recent entries never decodes segments
+/// back from the engine.
+#[derive(Default)]
+struct Tail {
+    entries: BTreeMap<u64, Entry>,
+    /// One past the last index of the log as openraft sees it, once anything was appended
+    /// or truncated: entries the engine still holds beyond it are being truncated.
+    end: Option<u64>,
+    /// Entries up to here are in the engine too, so they may be evicted.
+    visible_through: u64,
+}
+
+/// Recent entries kept in memory per group (those not yet written are always kept).
+const TAIL_ENTRIES: usize = 4096;
+
+impl Tail {
+    fn evict(&mut self) {
+        while self.entries.len() > TAIL_ENTRIES {
+            match self.entries.first_key_value() {
+                Some((&i, _)) if i <= self.visible_through => {
+                    self.entries.pop_first();
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RaftLog {
     group: RaftGroupId,
     store: Store,
+    tail: Arc<Mutex<Tail>>,
 }
 
 impl RaftLog {
     pub fn new(group: RaftGroupId, store: Store) -> RaftLog {
-        RaftLog { group, store }
+        RaftLog { group, store, tail: Arc::default() }
+    }
+
+    /// Entries with index in `[start, end)`: the engine's, overlaid by the unwritten tail.
+    fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StoreError> {
+        let (end, pending): (u64, Vec<Entry>) = {
+            let tail = self.tail.lock();
+            let end = tail.end.map_or(end, |e| e.min(end));
+            (
+                end,
+                if start < end { tail.entries.range(start..end).map(|(_, e)| e.clone()).collect() } else { Vec::new() },
+            )
+        };
+        let stored = self.read_stored(start, end)?;
+        if pending.is_empty() {
+            return Ok(stored);
+        }
+        let mut merged: BTreeMap<u64, Entry> = stored.into_iter().map(|e| (e.index(), e)).collect();
+        merged.extend(pending.into_iter().map(|e| (e.index(), e)));
+        Ok(merged.into_values().collect())
     }
 
     fn decode_segment(bytes: &[u8]) -> Result<Vec<Entry>, StoreError> {
         codec::decode("raft log segment", bytes)
     }
 
-    /// Entries with index in `[start, end)`, ascending.
-    fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StoreError> {
+    /// Entries with index in `[start, end)` the engine holds, ascending.
+    fn read_stored(&self, start: u64, end: u64) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         if start >= end {
             return Ok(out);
@@ -126,7 +179,11 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self.store.get("raft purged log id", &keys::purged(self.group))?;
         // Entries at or below the purge point may linger in a partly purged segment.
-        let last_log_id = match (self.last_entry()?, last_purged_log_id) {
+        let last = match self.tail.lock().entries.last_key_value() {
+            Some((_, e)) => Some(e.clone()),
+            None => self.last_entry()?,
+        };
+        let last_log_id = match (last, last_purged_log_id) {
             (Some(e), Some(p)) if e.index() <= p.index() => Some(p),
             (Some(e), _) => Some(e.log_id()),
             (None, p) => p,
@@ -161,6 +218,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         let mut batch = WriteBatch::new();
         let mut segment: Vec<Entry> = Vec::new();
         let mut segment_bytes = 0;
+        let mut appended: Vec<Entry> = Vec::new();
         let flush_segment = |segment: &mut Vec<Entry>, batch: &mut WriteBatch| {
             if let Some(first) = segment.first() {
                 batch.put(keys::segment(self.group, first.index()), codec::encode(&*segment));
@@ -169,6 +227,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         };
         for entry in entries {
             segment_bytes += entry_size_hint(&entry);
+            appended.push(entry.clone());
             segment.push(entry);
             if segment.len() >= SEGMENT_ENTRIES || segment_bytes >= SEGMENT_BYTES {
                 flush_segment(&mut segment, &mut batch);
@@ -177,15 +236,44 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         }
         flush_segment(&mut segment, &mut batch);
         metrics::counter!("convoy_raft_appends_total").increment(1);
+        let written: Vec<LogId> = appended.last().map(|e| e.log_id()).into_iter().collect();
+        {
+            let mut tail = self.tail.lock();
+            if let Some(last) = written.last() {
+                tail.end = Some(last.index() + 1);
+            }
+            tail.entries.extend(appended.into_iter().map(|e| (e.index(), e)));
+        }
+        let started = std::time::Instant::now();
+        let tail = self.tail.clone();
+        let on_visible = move |r: Result<(), StoreError>| {
+            // Now the engine serves them too: they may be evicted from memory.
+            if r.is_ok()
+                && let Some(last) = written.last()
+            {
+                let mut tail = tail.lock();
+                tail.visible_through = tail.visible_through.max(last.index());
+                tail.evict();
+            }
+        };
         self.store
             .writer()
-            .write_visible_then_durable(batch, move |r| callback.io_completed(r.map_err(io::Error::from)))
+            .submit_with_visibility(batch, on_visible, move |r| {
+                metrics::histogram!("convoy_raft_append_durable_seconds").record(started.elapsed().as_secs_f64());
+                callback.io_completed(r.map_err(io::Error::from))
+            })
             .await?;
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let start = last_log_id.as_ref().map_or(0, |l| l.index() + 1);
+        {
+            let mut tail = self.tail.lock();
+            tail.entries.split_off(&start);
+            tail.end = Some(start);
+            tail.visible_through = tail.visible_through.min(start.saturating_sub(1));
+        }
         let (_, hi) = keys::segments(self.group);
         let mut batch = WriteBatch::new();
         batch.delete_range(keys::segment(self.group, start), hi);
@@ -193,7 +281,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         if let Some(&first) = self.segment_starts_through(start.saturating_sub(1))?.last()
             && first < start
         {
-            let kept: Vec<Entry> = self.read(first, start)?;
+            let kept: Vec<Entry> = self.read_stored(first, start)?;
             if !kept.is_empty() {
                 batch.put(keys::segment(self.group, first), codec::encode(&kept));
             }
@@ -203,6 +291,11 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let index = log_id.index();
+        {
+            let mut tail = self.tail.lock();
+            let kept = tail.entries.split_off(&(index + 1));
+            tail.entries = kept;
+        }
         let mut batch = WriteBatch::new();
         // Record the purge point first: entries at or below it are never read again.
         batch.put(keys::purged(self.group), codec::encode(&log_id));

@@ -44,9 +44,15 @@ pub struct WriterFaults {
     pub stall_ms: AtomicU64,
 }
 
+enum Command {
+    Write(Job),
+    /// Flush what came before, then end the thread.
+    Stop(oneshot::Sender<()>),
+}
+
 #[derive(Clone)]
 pub struct StorageWriter {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Command>,
     faults: Arc<WriterFaults>,
 }
 
@@ -86,33 +92,42 @@ impl StorageWriter {
     ) -> Result<(), StoreError> {
         metrics::gauge!("convoy_storage_queue_depth").set((self.tx.max_capacity() - self.tx.capacity()) as f64);
         self.tx
-            .send(Job { batch, durability, on_visible: None, done: Box::new(done) })
+            .send(Command::Write(Job { batch, durability, on_visible: None, done: Box::new(done) }))
             .await
             .map_err(|_| StoreError::WriterStopped)
     }
 
-    /// Queues a durable `batch`, returns once readers can see it, and runs `on_durable`
-    /// (on the writer thread) once it is flushed. This is what a Raft log append needs:
-    /// entries readable on return, durability signalled later.
-    pub async fn write_visible_then_durable(
+    /// Makes everything queued so far durable and ends the writer thread. Later writes
+    /// fail with `WriterStopped`.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Queues a durable `batch`: `on_visible` runs once readers can see it, `on_durable`
+    /// once it is flushed (both on the writer thread; keep them short).
+    pub async fn submit_with_visibility(
         &self,
         batch: WriteBatch,
+        on_visible: impl FnOnce(Result<(), StoreError>) + Send + 'static,
         on_durable: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let on_visible: Callback = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
         self.tx
-            .send(Job {
+            .send(Command::Write(Job {
                 batch,
                 durability: Durability::Durable,
-                on_visible: Some(on_visible),
+                on_visible: Some(Box::new(on_visible)),
                 done: Box::new(on_durable),
-            })
+            }))
             .await
-            .map_err(|_| StoreError::WriterStopped)?;
-        rx.await.map_err(|_| StoreError::WriterStopped)?
+            .map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Waits until everything queued before is visible to readers.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        self.write(WriteBatch::new(), Durability::Visible).await
     }
 
     /// Queues `batch` and waits until it is `durability`.
@@ -126,13 +141,32 @@ impl StorageWriter {
     }
 }
 
-fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Job>, limits: WriterLimits, faults: Arc<WriterFaults>) {
+fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: &WriteBatch) -> Result<(), StoreError> {
+    if faults.fail.load(Ordering::Relaxed) {
+        return Err(StoreError::Engine("injected storage failure".into()));
+    }
+    engine.apply(batch)
+}
+
+fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: WriterLimits, faults: Arc<WriterFaults>) {
     let mut pending: Option<Job> = None;
+    let mut stop: Option<oneshot::Sender<()>> = None;
     loop {
+        if pending.is_none()
+            && let Some(done) = stop.take()
+        {
+            let _ = engine.flush();
+            let _ = done.send(());
+            return;
+        }
         let first = match pending.take() {
             Some(job) => job,
             None => match rx.blocking_recv() {
-                Some(job) => job,
+                Some(Command::Write(job)) => job,
+                Some(Command::Stop(done)) => {
+                    stop = Some(done);
+                    continue;
+                }
                 None => return,
             },
         };
@@ -143,8 +177,15 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Job>, limits: WriterLim
         let mut durable = first.durability == Durability::Durable;
         batch.extend(first.batch);
         jobs.push((first.durability, first.on_visible, first.done));
-        while batch.bytes() < limits.max_batch_bytes {
-            let Ok(job) = rx.try_recv() else { break };
+        while batch.bytes() < limits.max_batch_bytes && stop.is_none() {
+            let job = match rx.try_recv() {
+                Ok(Command::Write(job)) => job,
+                Ok(Command::Stop(done)) => {
+                    stop = Some(done);
+                    break;
+                }
+                Err(_) => break,
+            };
             if job.batch.has_range_delete() {
                 pending = Some(job);
                 break;
@@ -154,12 +195,36 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Job>, limits: WriterLim
             jobs.push((job.durability, job.on_visible, job.done));
         }
         let cycle = Instant::now();
-        let applied = if faults.fail.load(Ordering::Relaxed) {
-            Err(StoreError::Engine("injected storage failure".into()))
-        } else {
-            engine.apply(&batch)
-        };
-        metrics::histogram!("convoy_storage_batch_ops").record(batch.len() as f64);
+        let mut applied = apply(&*engine, &faults, &batch);
+        let mut ops = batch.len();
+        // Jobs that queued while that batch was applied ride on the same flush: they would
+        // wait for it anyway.
+        while applied.is_ok() && pending.is_none() && stop.is_none() {
+            let mut more = WriteBatch::new();
+            while more.bytes() < limits.max_batch_bytes {
+                let job = match rx.try_recv() {
+                    Ok(Command::Write(job)) => job,
+                    Ok(Command::Stop(done)) => {
+                        stop = Some(done);
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                if job.batch.has_range_delete() {
+                    pending = Some(job);
+                    break;
+                }
+                durable |= job.durability == Durability::Durable;
+                more.extend(job.batch);
+                jobs.push((job.durability, job.on_visible, job.done));
+            }
+            if more.is_empty() {
+                break;
+            }
+            ops += more.len();
+            applied = apply(&*engine, &faults, &more);
+        }
+        metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
         metrics::histogram!("convoy_storage_batch_jobs").record(jobs.len() as f64);
         let mut waiting_for_flush = Vec::new();
         for (durability, on_visible, done) in jobs {

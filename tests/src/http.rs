@@ -1,0 +1,103 @@
+//! A minimal HTTP/1.0 GET, enough for the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! HTTP/1.0 keeps the exchange trivial: the server closes the connection after the response and
+//! never uses chunked encoding, so the body is everything after the header block.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A response: status code and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// GETs `url` (`http://HOST:PORT/path`). Errors are strings fit for an assertion message.
+pub async fn get(url: &str) -> Result<Response, String> {
+    tokio::time::timeout(Duration::from_secs(10), get_inner(url)).await.map_err(|_| format!("GET {url}: timed out"))?
+}
+
+async fn get_inner(url: &str) -> Result<Response, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("not an http:// URL: {url}"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut stream = TcpStream::connect(host).await.map_err(|e| format!("GET {url}: connect: {e}"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("GET {url}: write: {e}"))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.map_err(|e| format!("GET {url}: read: {e}"))?;
+    parse_response(&raw).map_err(|e| format!("GET {url}: {e}"))
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("response has no end of headers")?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "response headers are not UTF-8")?;
+    let status_line = head.lines().next().ok_or("empty response")?;
+    let mut parts = status_line.split_whitespace();
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/") {
+        return Err(format!("bad status line {status_line:?}"));
+    }
+    let status = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let body = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
+    Ok(Response { status, body })
+}
+
+/// Sums the samples of metric `name` (all label sets) in a Prometheus text exposition. `None` when
+/// the metric has no sample.
+pub fn sum_metric(exposition: &str, name: &str) -> Option<f64> {
+    let mut total = None;
+    for line in exposition.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let value = if rest.starts_with('{') {
+            match rest.rfind('}') {
+                Some(end) => rest[end + 1..].split_whitespace().next(),
+                None => continue,
+            }
+        } else if rest.starts_with(' ') {
+            rest.split_whitespace().next()
+        } else {
+            // Another metric whose name starts with `name` (`name_total`, `name_bucket`, ...).
+            continue;
+        };
+        if let Some(v) = value.and_then(|v| v.parse::<f64>().ok()) {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_parse() {
+        let r = parse_response(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nok\n").unwrap();
+        assert_eq!(r, Response { status: 200, body: "ok\n".into() });
+        let r = parse_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").unwrap();
+        assert_eq!(r.status, 503);
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn metrics_are_summed_over_labels() {
+        let text = "# HELP convoy_requests_total requests\n\
+                    # TYPE convoy_requests_total counter\n\
+                    convoy_requests_total{op=\"ping\",code=\"ok\"} 3\n\
+                    convoy_requests_total{op=\"msg.send\",code=\"ok\"} 4.5\n\
+                    convoy_requests_total_extra 100\n\
+                    convoy_connections 2\n";
+        assert_eq!(sum_metric(text, "convoy_requests_total"), Some(7.5));
+        assert_eq!(sum_metric(text, "convoy_connections"), Some(2.0));
+        assert_eq!(sum_metric(text, "convoy_missing"), None);
+    }
+}

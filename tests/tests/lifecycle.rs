@@ -1,0 +1,127 @@
+//! Node and entity lifecycle: admin endpoints, passivation of idle entities, token expiry.
+
+use std::time::{Duration, Instant};
+
+use convoy_tests::http;
+use convoy_tests::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    let node = Node::start(NodeOptions::new());
+    let healthz = http::get(&format!("{}/healthz", node.admin_url())).await.unwrap();
+    assert_eq!(healthz.status, 200, "{healthz:?}");
+    let readyz = http::get(&format!("{}/readyz", node.admin_url())).await.unwrap();
+    assert_eq!(readyz.status, 200, "/readyz once the node printed its ready line: {readyz:?}");
+    let missing = http::get(&format!("{}/no-such-endpoint", node.admin_url())).await.unwrap();
+    assert_eq!(missing.status, 404);
+
+    // Some traffic, then the metrics show it.
+    let user = unique("u");
+    let client = connect(&node, &user, &["driver"]).await;
+    let g = unique("g");
+    open_group(&client, &g, vec![]).await;
+    for i in 0..3 {
+        client.msg_send(&g, &format!("m{i}"), text("x"), false).await.unwrap();
+    }
+    let metrics = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap();
+    assert_eq!(metrics.status, 200);
+    let series: Vec<&str> = metrics.body.lines().filter(|l| !l.starts_with('#') && l.starts_with("convoy_")).collect();
+    assert!(series.len() >= 5, "few convoy_ metrics:\n{}", metrics.body);
+    for line in &series {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "unparsable sample {line:?}");
+    }
+    assert!(metric(&node, "convoy_requests_total").await >= 4.0, "requests are counted:\n{}", metrics.body);
+    assert!(metric(&node, "convoy_connections").await >= 1.0, "the open connection is counted");
+    client.close().await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async { metric(&node, "convoy_connections").await == 0.0 }).await,
+        "convoy_connections did not drop to 0 after the client left"
+    );
+}
+
+/// Waits until more entities were passivated than `seen` (when `grow`) and none is active any more.
+async fn wait_for_passivation(node: &Node, seen: &mut f64, grow: bool) {
+    let before = *seen;
+    let idle = wait_until(Duration::from_secs(10), || async {
+        (!grow || metric(node, "convoy_entity_passivations_total").await > before)
+            && metric(node, "convoy_entities_active").await == 0.0
+    })
+    .await;
+    let now = metric(node, "convoy_entity_passivations_total").await;
+    let active = metric(node, "convoy_entities_active").await;
+    assert!(idle, "entity_idle = 300ms: passivations {before} -> {now}, {active} entities still active after 10 s");
+    *seen = now;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_entities_are_passivated_and_come_back_intact() {
+    let node = Node::start(NodeOptions::new().set("timeouts.entity_idle", "300ms"));
+    let (a, b) = (unique("a"), unique("b"));
+    let g = unique("idle");
+    let ac = connect(&node, &a, &["dispatcher"]).await;
+    let bc = connect(&node, &b, &["driver"]).await;
+    open_group(&ac, &g, drivers(&[&b])).await;
+    let mut first = None;
+    for i in 0..5 {
+        let sent = ac.msg_send(&g, &format!("m{i}"), text(&format!("before idle {i}")), i == 4).await.unwrap();
+        first.get_or_insert(sent);
+    }
+    let first = first.unwrap();
+    bc.msg_read(&g, first.seq + 2).await.unwrap();
+    let info_before = ac.group_info(&g).await.unwrap();
+    let log_before = sync_all(&ac, &g, 0, 500).await;
+    let inbox_before = bc.inbox_sync().await.unwrap();
+
+    let passivated = metric(&node, "convoy_entity_passivations_total").await;
+    let mut seen = passivated;
+    wait_for_passivation(&node, &mut seen, true).await;
+    // The passivated group comes back with everything.
+    let info = bc.group_info(&g).await.unwrap();
+    assert_eq!(info, info_before, "group.info changed across passivation");
+    assert_eq!(sync_all(&bc, &g, 0, 500).await, log_before, "the log changed across passivation");
+    let mut inbox = bc.inbox_sync().await.unwrap();
+    let mut inbox_before = inbox_before;
+    inbox.sort_by(|x, y| x.group.cmp(&y.group));
+    inbox_before.sort_by(|x, y| x.group.cmp(&y.group));
+    assert_eq!(inbox, inbox_before, "inbox.sync changed across passivation");
+
+    // ...and keeps serving: the dedupe table, the seq counter and read positions are intact.
+    wait_for_passivation(&node, &mut seen, false).await;
+    let again = ac.msg_send(&g, "m0", text("before idle 0"), false).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (first.seq, true), "dedupe lost across passivation");
+    wait_for_passivation(&node, &mut seen, true).await;
+    let next = bc.msg_send(&g, "after-idle", text("still here"), false).await.unwrap();
+    assert_eq!((next.seq, next.duplicate), (info_before.last_seq + 1, false));
+    wait_for_passivation(&node, &mut seen, true).await;
+    bc.msg_read(&g, first.seq + 1).await.unwrap();
+    let info = ac.group_info(&g).await.unwrap();
+    let b_read = info.members.iter().find(|m| m.user == b).unwrap().read_seq;
+    assert_eq!(b_read, next.seq, "B's read position after its own send");
+    assert!(seen > passivated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_closes_the_connection_with_4401() {
+    let node = Node::start(NodeOptions::new());
+    let user = unique("u");
+    let claims = Claims::new(&user, ["driver"], Duration::from_secs(2));
+    let exp = claims.exp;
+    let client = open(&node).await;
+    client.hello(&mint(node.secret().as_bytes(), &claims), "test").await.expect("hello with a 2 s token");
+    client.ping().await.expect("ping while the token is valid");
+    let started = Instant::now();
+    let code = closed_with(&client, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(4401), "close code when the token expired");
+    let closed_at = unix_now_secs();
+    assert!(
+        closed_at + 1 >= exp,
+        "closed at {closed_at}, token expires at {exp} ({:?} after hello)",
+        started.elapsed()
+    );
+    let r = client.request("ping", json!({})).await;
+    assert!(matches!(r, Err(ClientError::Closed { .. })), "{r:?}");
+    // A fresh token works for the same user.
+    connect(&node, &user, &["driver"]).await.ping().await.unwrap();
+}
