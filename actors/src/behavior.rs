@@ -108,7 +108,7 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
                 let joins = joining.iter().map(|user| {
                     let join = UserCommand::Join { group: group.clone(), max_groups };
                     let reply = rt.request(EntityKey::User(user.clone()), Request::User(join));
-                    async move { reply.await.map_err(|r| Rejection::new(r.code, format!("{user}: {}", r.message))) }
+                    async move { reply.await.map_err(|r| Rejection { message: format!("{user}: {}", r.message), ..r }) }
                 });
                 for joined in futures::future::join_all(joins).await {
                     joined?;

@@ -84,6 +84,12 @@ fn check_len(field: &str, value: &str, max_chars: usize) -> Result<(), Rejection
     Ok(())
 }
 
+/// `check_len` for text whose bound is the configured `limits.max_text_chars`.
+fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), Rejection> {
+    check_len(field, value, max_chars)
+        .map_err(|r| if value.is_empty() { r } else { r.at_limit(crate::error::Limit::MaxTextChars) })
+}
+
 fn check_url(url: &str) -> Result<(), Rejection> {
     check_len("url", url, MAX_URL_LEN)?;
     if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -97,7 +103,7 @@ impl Body {
     pub fn validate(self, limits: &BodyLimits) -> Result<MessageBody, Rejection> {
         let mut reply_to = None;
         match &self {
-            Body::Text { text } => check_len("text", text, limits.max_text_chars)?,
+            Body::Text { text } => check_text("text", text, limits.max_text_chars)?,
             Body::Image { url, sha256, .. } => {
                 check_url(url)?;
                 if let Some(h) = sha256
@@ -125,7 +131,7 @@ impl Body {
                 check_len("name", name, MAX_NAME_CHARS)?;
             }
             Body::Action { prompt, choices } => {
-                check_len("prompt", prompt, limits.max_text_chars)?;
+                check_text("prompt", prompt, limits.max_text_chars)?;
                 if choices.is_empty() || choices.len() > MAX_CHOICES {
                     return Err(Rejection::bad_request(format!("body.choices must have 1..{MAX_CHOICES} entries")));
                 }

@@ -52,6 +52,30 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// A configured limit a request ran into (the name is its key under `limits.`), so the
+/// runtime can count hits per limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    MaxTextChars,
+    MaxMembersPerGroup,
+    MaxGroupsPerUser,
+    MaxReceiptWatchesPerGroup,
+    SyncLimitMax,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxTextChars => "max_text_chars",
+            Limit::MaxMembersPerGroup => "max_members_per_group",
+            Limit::MaxGroupsPerUser => "max_groups_per_user",
+            Limit::MaxReceiptWatchesPerGroup => "max_receipt_watches_per_group",
+            Limit::SyncLimitMax => "sync_limit_max",
+        }
+    }
+}
+
 /// Why the domain refused a command or a query. Replicated (it is part of an applied
 /// command's outcome), so it carries only what every replica computes identically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -59,11 +83,18 @@ impl std::fmt::Display for ErrorCode {
 pub struct Rejection {
     pub code: ErrorCode,
     pub message: String,
+    /// The limit that refused it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
 }
 
 impl Rejection {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), limit: None }
+    }
+    pub fn at_limit(mut self, limit: Limit) -> Self {
+        self.limit = Some(limit);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::body::{MemberSpec, MessageBody, SystemEvent};
 use crate::entity::{Applied, Caller, StorageFault, Timestamp};
-use crate::error::Rejection;
+use crate::error::{Limit, Rejection};
 use crate::ids::{ClientMsgId, GroupId, SYSTEM_USER, UserId};
 
 /// Position in a group's log. The first entry is 1; 0 means "nothing yet".
@@ -436,7 +436,8 @@ impl GroupState {
                     Some(m) if m.role == *role => Ok(()),
                     Some(m) => Err(Rejection::conflict(format!("{user} is already a member as {}", m.role.as_str()))),
                     None if s.members.len() as u32 >= s.limits.max_members => {
-                        Err(Rejection::conflict(format!("the group is full ({} members)", s.limits.max_members)))
+                        Err(Rejection::conflict(format!("the group is full ({} members)", s.limits.max_members))
+                            .at_limit(Limit::MaxMembersPerGroup))
                     }
                     None => Ok(()),
                 }
@@ -473,7 +474,8 @@ impl GroupState {
                     return Err(Rejection::conflict(format!(
                         "{} messages already wait for receipts in this group",
                         s.limits.max_receipt_watches
-                    )));
+                    ))
+                    .at_limit(Limit::MaxReceiptWatchesPerGroup));
                 }
                 Ok(())
             }
@@ -682,7 +684,8 @@ pub fn check_open(open: &OpenGroup) -> Result<(), Rejection> {
             "{} members requested, a group holds at most {}",
             distinct.len(),
             open.limits.max_members
-        )));
+        ))
+        .at_limit(Limit::MaxMembersPerGroup));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::behavior::Request;
 use crate::body::{Body, MemberSpec};
 use crate::domain::{DomainConfig, Query};
 use crate::entity::EntityKey;
-use crate::error::Rejection;
+use crate::error::{Limit, Rejection};
 use crate::group::{
     self, ExceptionType, GroupCommand, GroupKind, MAX_RESOLUTION_CHARS, MemberRole, OpenGroup, SendMessage, Seq,
 };
@@ -134,7 +134,8 @@ pub fn parse(
                     "group.open: {} members listed, a group holds at most {}",
                     a.members.len(),
                     cfg.group.max_members
-                )));
+                ))
+                .at_limit(Limit::MaxMembersPerGroup));
             }
             let open = OpenGroup {
                 opener: caller,
@@ -145,7 +146,7 @@ pub fn parse(
                 members: a.members,
                 limits: cfg.group,
             };
-            group::check_open(&open).map_err(|r| Rejection::bad_request(format!("group.open: {}", r.message)))?;
+            group::check_open(&open).map_err(|r| Rejection { message: format!("group.open: {}", r.message), ..r })?;
             actor(a.group.unwrap_or_else(fresh_group_id), GroupCommand::Open(open))
         }
         "group.invite" => {
@@ -175,8 +176,10 @@ pub fn parse(
         }
         "msg.send" => {
             let a: SendArgs = args(op, fields)?;
-            let body =
-                a.body.validate(&cfg.body).map_err(|r| Rejection::bad_request(format!("msg.send: {}", r.message)))?;
+            let body = a
+                .body
+                .validate(&cfg.body)
+                .map_err(|r| Rejection { message: format!("msg.send: {}", r.message), ..r })?;
             actor(
                 a.group,
                 GroupCommand::Send(SendMessage {
@@ -195,7 +198,8 @@ pub fn parse(
                 return Err(Rejection::bad_request(format!(
                     "msg.sync: limit must be within 1..{}",
                     cfg.sync_limit_max
-                )));
+                ))
+                .at_limit(Limit::SyncLimitMax));
             }
             query(a.group, Query::GroupSync { caller, after: a.after, limit })
         }
@@ -286,5 +290,27 @@ mod tests {
             assert_eq!(err.code, ErrorCode::BadRequest, "{op} {json}");
             assert!(err.message.contains(says), "{op} {json}: {}", err.message);
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::error::Limit;
+
+    #[test]
+    fn refusals_name_the_limit_behind_them() {
+        let who = Principal::from_claims("u-1", &["driver".into()], &[], None).unwrap();
+        let cfg = DomainConfig { body: crate::body::BodyLimits { max_text_chars: 3 }, ..DomainConfig::default() };
+        let parse_json = |op: &str, json: &str| {
+            let fields: Map<String, Value> = serde_json::from_str(json).unwrap();
+            parse(op, &fields, &who, &cfg, || GroupId::parse("g").unwrap())
+        };
+        let long = parse_json("msg.send", r#"{"group":"g","client_msg_id":"c","body":{"type":"text","text":"four"}}"#);
+        assert_eq!(long.unwrap_err().limit, Some(Limit::MaxTextChars));
+        let empty = parse_json("msg.send", r#"{"group":"g","client_msg_id":"c","body":{"type":"text","text":""}}"#);
+        assert_eq!(empty.unwrap_err().limit, None);
+        let sync = parse_json("msg.sync", r#"{"group":"g","limit":501}"#);
+        assert_eq!(sync.unwrap_err().limit, Some(Limit::SyncLimitMax));
     }
 }

@@ -45,7 +45,8 @@ impl UserState {
                 let listed = s.is_some_and(|g| g.contains(group));
                 let count = s.map_or(0, |g| g.len());
                 if !listed && count as u32 >= *max_groups {
-                    return Err(Rejection::conflict(format!("the user is already in {max_groups} groups, the limit")));
+                    return Err(Rejection::conflict(format!("the user is already in {max_groups} groups, the limit"))
+                        .at_limit(crate::error::Limit::MaxGroupsPerUser));
                 }
                 Ok(())
             }

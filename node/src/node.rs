@@ -177,7 +177,12 @@ pub async fn run(
         addr: cfg.client.listen,
         source,
     })?;
-    let admin_app = admin::router(admin::AdminState { phase: phase_rx.clone(), metrics });
+    let admin_app = admin::router(admin::AdminState {
+        phase: phase_rx.clone(),
+        metrics,
+        router: router.clone(),
+        chaos: cfg.chaos.enabled,
+    });
     let admin_listener_check = std::net::TcpListener::bind(cfg.admin.listen).map_err(|source| NodeError::Listen {
         what: "admin",
         addr: cfg.admin.listen,

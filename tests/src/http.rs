@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.0 GET, enough for the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+//! A minimal HTTP/1.0 client, enough for the admin endpoints (`/healthz`, `/readyz`,
+//! `/metrics`, the fault injection `POST`s).
 //!
 //! HTTP/1.0 keeps the exchange trivial: the server closes the connection after the response and
 //! never uses chunked encoding, so the body is everything after the header block.
@@ -17,21 +18,34 @@ pub struct Response {
 
 /// GETs `url` (`http://HOST:PORT/path`). Errors are strings fit for an assertion message.
 pub async fn get(url: &str) -> Result<Response, String> {
-    tokio::time::timeout(Duration::from_secs(10), get_inner(url)).await.map_err(|_| format!("GET {url}: timed out"))?
+    request("GET", url).await
 }
 
-async fn get_inner(url: &str) -> Result<Response, String> {
+/// POSTs an empty body to `url`.
+pub async fn post(url: &str) -> Result<Response, String> {
+    request("POST", url).await
+}
+
+async fn request(method: &str, url: &str) -> Result<Response, String> {
+    tokio::time::timeout(Duration::from_secs(10), request_inner(method, url))
+        .await
+        .map_err(|_| format!("{method} {url}: timed out"))?
+}
+
+async fn request_inner(method: &str, url: &str) -> Result<Response, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| format!("not an http:// URL: {url}"))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let mut stream = TcpStream::connect(host).await.map_err(|e| format!("GET {url}: connect: {e}"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("GET {url}: write: {e}"))?;
+    let mut stream = TcpStream::connect(host).await.map_err(|e| format!("{method} {url}: connect: {e}"))?;
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("{method} {url}: write: {e}"))?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.map_err(|e| format!("GET {url}: read: {e}"))?;
-    parse_response(&raw).map_err(|e| format!("GET {url}: {e}"))
+    stream.read_to_end(&mut raw).await.map_err(|e| format!("{method} {url}: read: {e}"))?;
+    parse_response(&raw).map_err(|e| format!("{method} {url}: {e}"))
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, String> {

@@ -125,3 +125,46 @@ async fn an_expiring_token_closes_the_connection_with_4401() {
     // A fresh token works for the same user.
     connect(&node, &user, &["driver"]).await.ping().await.unwrap();
 }
+
+/// An entity actor that fails is forgotten by its supervisor and the next request starts a
+/// fresh one from the stored state: seqs continue, nothing is lost, the failure is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_entity_actor_restarts_from_stored_state() {
+    let node = Node::start(NodeOptions::new().set("chaos.enabled", true));
+    let user = unique("u");
+    let client = connect(&node, &user, &["dispatcher"]).await;
+    let g = unique("g");
+    open_group(&client, &g, vec![]).await;
+    for i in 0..3 {
+        client.msg_send(&g, &format!("m{i}"), text("before"), false).await.unwrap();
+    }
+    let crash = format!("{}/v1/chaos/entities/group/{g}/crash", node.admin_url());
+    let reply = http::post(&crash).await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains(r#""crashed":true"#), "the group's actor was active: {reply:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || async { metric(&node, "convoy_entity_failures_total").await >= 1.0 })
+            .await,
+        "the supervisor saw the failure"
+    );
+    let sent = client.msg_send(&g, "m3", text("after"), false).await.unwrap();
+    assert_eq!((sent.seq, sent.duplicate), (5, false), "seqs continue after the restart (seq 1 is the open entry)");
+    let retry = client.msg_send(&g, "m1", text("before"), false).await.unwrap();
+    assert_eq!((retry.seq, retry.duplicate), (3, true), "dedupe survives the restart");
+    let all = sync_all(&client, &g, 0, 100).await;
+    assert_eq!(all.iter().map(seq_of).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    // Crashing an entity that is not active does nothing, and unknown kinds are refused.
+    let idle =
+        http::post(&format!("{}/v1/chaos/entities/group/{}/crash", node.admin_url(), unique("nobody"))).await.unwrap();
+    assert!(idle.body.contains(r#""crashed":false"#), "{idle:?}");
+    let bad = http::post(&format!("{}/v1/chaos/entities/planet/x/crash", node.admin_url())).await.unwrap();
+    assert_eq!(bad.status, 404, "{bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_is_refused_unless_enabled() {
+    let node = Node::start(NodeOptions::new());
+    let reply = http::post(&format!("{}/v1/chaos/entities/group/g1/crash", node.admin_url())).await.unwrap();
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert!(reply.body.contains("chaos.enabled"), "the refusal says how to enable it: {reply:?}");
+}

@@ -52,6 +52,9 @@ pub enum EntityMsg {
         reply: oneshot::Sender<Handling>,
     },
     Applied(AppliedEffects),
+    /// Fail on purpose (fault injection): the supervisor forgets the actor, the next
+    /// request starts a fresh one from the stored state.
+    Crash,
 }
 
 struct Handle {
@@ -139,6 +142,12 @@ impl EntityHost {
             h.actor.stop(Some("shard leadership lost".into()));
         }
         metrics::gauge!("convoy_entities_active", "group" => self.group.to_string()).set(0.0);
+    }
+
+    /// Makes the active actor of `key` fail. False if it was not active.
+    pub fn crash(&self, key: &EntityKey) -> bool {
+        let actor = self.actors.lock().get(key).map(|h| h.actor.clone());
+        actor.is_some_and(|a| a.cast(EntityMsg::Crash).is_ok())
     }
 
     pub fn active(&self) -> usize {
@@ -322,6 +331,7 @@ impl Actor for EntityActor {
             EntityMsg::Applied(effects) => {
                 behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime);
             }
+            EntityMsg::Crash => return Err(format!("{}: crash injected through the chaos admin API", s.key).into()),
         }
         Ok(())
     }

@@ -223,6 +223,7 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                         match ops::parse(&req.op, &req.fields, principal, &gw.domain, || gw.fresh_group_id()) {
                             Err(r) => {
                                 metrics::counter!("convoy_requests_total", "op" => "invalid", "code" => r.code.as_str()).increment(1);
+                                count_limit(&r);
                                 if !send!(frame::error(Some(&req.id), &r, None)) { break; }
                             }
                             Ok(route) => {
@@ -272,12 +273,22 @@ async fn run(gw: Arc<Gateway>, id: String, op: String, route: ops::Route) -> Out
     };
     let code = match &result {
         Ok(_) => "ok",
-        Err(r) => r.code.as_str(),
+        Err(r) => {
+            count_limit(r);
+            r.code.as_str()
+        }
     };
     let op_label = if ops::OPS.contains(&op.as_str()) { op } else { "other".to_string() };
     metrics::counter!("convoy_requests_total", "op" => op_label.clone(), "code" => code).increment(1);
     metrics::histogram!("convoy_request_seconds", "op" => op_label).record(started.elapsed().as_secs_f64());
     (id, result)
+}
+
+/// Counts a refusal by the configured limit behind it, if any.
+fn count_limit(r: &Rejection) {
+    if let Some(limit) = r.limit {
+        metrics::counter!("convoy_limit_hits_total", "limit" => limit.as_str()).increment(1);
+    }
 }
 
 fn reply_text(id: &str, result: &Result<convoy_actors::domain::Reply, Rejection>) -> String {

@@ -136,6 +136,10 @@ impl ShardHost {
         &self.data
     }
 
+    pub fn entities(&self) -> &Arc<EntityHost> {
+        &self.entities
+    }
+
     pub fn leadership(&self) -> Leadership {
         self.leadership.borrow().clone()
     }
