@@ -174,12 +174,16 @@ impl Stats {
     }
 
     /// Moves to `phase`; entering the measurement window clears the warm-up latencies.
+    /// The histogram locks are held while the phase changes, so a sample is recorded
+    /// either wholly in the window (histogram and counter) or not at all.
     pub fn set_phase(&self, phase: u8) {
+        let mut acks = lock(&self.ack_hist);
+        let mut pushes = lock(&self.push_hist);
         if phase == PHASE_MEASURE {
-            lock(&self.ack_hist).reset();
-            lock(&self.push_hist).reset();
+            acks.reset();
+            pushes.reset();
         }
-        self.phase.store(phase, Ordering::Relaxed);
+        self.phase.store(phase, Ordering::SeqCst);
     }
 
     fn measuring(&self) -> bool {
@@ -192,11 +196,14 @@ impl Stats {
 
     /// A send was acknowledged `latency` after it was (meant to be) issued.
     pub fn record_ack(&self, latency: Duration) {
+        // The phase is read under the lock `set_phase` holds while it moves, so in the
+        // measurement window the count and the histogram agree exactly.
+        let mut hist = lock(&self.ack_hist);
         if !self.running() {
             return;
         }
         self.live_acked.fetch_add(1, Ordering::Relaxed);
-        record_latency(&mut lock(&self.ack_hist), latency);
+        record_latency(&mut hist, latency);
         if self.measuring() {
             self.acked.fetch_add(1, Ordering::Relaxed);
         }
@@ -204,12 +211,13 @@ impl Stats {
 
     /// A `msg` event arrived; `latency` is `None` when it carried no send time.
     pub fn record_delivery(&self, latency: Option<Duration>) {
+        let mut hist = lock(&self.push_hist);
         if !self.running() {
             return;
         }
         self.live_deliveries.fetch_add(1, Ordering::Relaxed);
         if let Some(latency) = latency {
-            record_latency(&mut lock(&self.push_hist), latency);
+            record_latency(&mut hist, latency);
         }
         if self.measuring() {
             self.deliveries.fetch_add(1, Ordering::Relaxed);
