@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod entity;
 pub mod gateway;
 pub mod node;

@@ -1,0 +1,3 @@
+//! The cluster: membership and placement (`meta`), node-to-node transport, failure detection.
+
+pub mod meta;
