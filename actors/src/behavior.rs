@@ -32,7 +32,7 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 }
 
 /// A request to an entity's actor: from a client, another entity or the runtime's timers.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Request {
     Group(GroupCommand),
     User(UserCommand),

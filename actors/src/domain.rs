@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::body::BodyLimits;
 use crate::entity::{EntityKey, StorageFault, Timestamp};
 use crate::error::Rejection;
-use crate::event::WireEntry;
+use crate::event::WireEntries;
 use crate::group::{
     self, Entry, GroupApplied, GroupCommand, GroupEffect, GroupInfo, GroupLimits, GroupLog, GroupReply, GroupState,
     GroupTimer, InboxItem, Receipts, Seq,
@@ -90,9 +90,9 @@ impl Outcome {
     }
 }
 
-/// The result fields of a successful reply (`{"re":..,"ok":true, <these>}`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
+/// What a request answered. Crosses nodes (serde, any format); clients see it through
+/// [`Reply::protocol`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Opened {
         group: GroupId,
@@ -111,11 +111,10 @@ pub enum Reply {
     },
     Info {
         group: GroupId,
-        #[serde(flatten)]
         info: GroupInfo,
     },
     Messages {
-        messages: Vec<WireEntry>,
+        messages: Vec<Entry>,
         last_seq: Seq,
     },
     Receipts(Receipts),
@@ -123,22 +122,75 @@ pub enum Reply {
         groups: Vec<InboxLine>,
     },
     /// Internal: one line of an inbox, or nothing if the user is not a member.
-    #[serde(skip)]
     InboxItem(Option<InboxLine>),
     /// Internal: the groups a user's inbox lists.
-    #[serde(skip)]
     InboxGroups(Vec<GroupId>),
     /// Internal: a timer fired (or had nothing left to do).
-    #[serde(skip)]
     Fired,
     /// Internal: a system entry was written.
-    #[serde(skip)]
     Noted {
         seq: Seq,
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The result fields of a successful reply as the protocol shows them
+/// (`{"re":..,"ok":true, <these>}`).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum ProtocolReply<'a> {
+    Opened {
+        group: &'a GroupId,
+        created: bool,
+    },
+    Updated {
+        changed: bool,
+    },
+    Sent {
+        seq: Seq,
+        ts: Timestamp,
+        duplicate: bool,
+    },
+    Read {
+        read_seq: Seq,
+    },
+    Info {
+        group: &'a GroupId,
+        #[serde(flatten)]
+        info: &'a GroupInfo,
+    },
+    Messages {
+        messages: WireEntries<'a>,
+        last_seq: Seq,
+    },
+    Receipts(&'a Receipts),
+    Inbox {
+        groups: &'a [InboxLine],
+    },
+    /// Replies that never reach a client.
+    Internal {},
+}
+
+impl Reply {
+    pub fn protocol(&self) -> ProtocolReply<'_> {
+        match self {
+            Reply::Opened { group, created } => ProtocolReply::Opened { group, created: *created },
+            Reply::Updated { changed } => ProtocolReply::Updated { changed: *changed },
+            Reply::Sent { seq, ts, duplicate } => ProtocolReply::Sent { seq: *seq, ts: *ts, duplicate: *duplicate },
+            Reply::Read { read_seq } => ProtocolReply::Read { read_seq: *read_seq },
+            Reply::Info { group, info } => ProtocolReply::Info { group, info },
+            Reply::Messages { messages, last_seq } => {
+                ProtocolReply::Messages { messages: WireEntries(messages), last_seq: *last_seq }
+            }
+            Reply::Receipts(r) => ProtocolReply::Receipts(r),
+            Reply::Inbox { groups } => ProtocolReply::Inbox { groups },
+            Reply::InboxItem(_) | Reply::InboxGroups(_) | Reply::Fired | Reply::Noted { .. } => {
+                ProtocolReply::Internal {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxLine {
     pub group: GroupId,
     #[serde(flatten)]
@@ -291,11 +343,7 @@ pub fn query(
         {
             Err(r) => Err(r),
             Ok(g) => {
-                let messages = if after >= g.last_seq {
-                    Vec::new()
-                } else {
-                    log.read_entries(key, after, limit)?.into_iter().map(WireEntry).collect()
-                };
+                let messages = if after >= g.last_seq { Vec::new() } else { log.read_entries(key, after, limit)? };
                 Ok(Reply::Messages { messages, last_seq: g.last_seq })
             }
         },

@@ -44,14 +44,24 @@ impl Serialize for Event {
 }
 
 /// An entry as `msg.sync` returns it: `{seq, from, ts, client_msg_id, body, require_receipt}`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WireEntry(pub Entry);
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireEntry<'a>(pub &'a Entry);
 
-impl Serialize for WireEntry {
+impl Serialize for WireEntry<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(None)?;
-        write_entry_fields(&mut m, &self.0)?;
+        write_entry_fields(&mut m, self.0)?;
         m.end()
+    }
+}
+
+/// A list of entries in their protocol form.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireEntries<'a>(pub &'a [Entry]);
+
+impl Serialize for WireEntries<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(WireEntry))
     }
 }
 

@@ -242,19 +242,27 @@ pub enum GroupEffect {
     },
 }
 
+/// Whether a group still takes messages, as the protocol names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupStatus {
+    Open,
+    Closed,
+}
+
 /// `group.info` as the protocol shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupInfo {
     pub kind: GroupKind,
     pub title: String,
     pub order_id: Option<String>,
     pub exception_type: Option<ExceptionType>,
-    pub state: &'static str,
+    pub state: GroupStatus,
     pub members: Vec<MemberInfo>,
     pub last_seq: Seq,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberInfo {
     pub user: UserId,
     pub role: MemberRole,
@@ -262,17 +270,17 @@ pub struct MemberInfo {
 }
 
 /// One group of a user's inbox.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxItem {
     pub kind: GroupKind,
     pub title: String,
-    pub state: &'static str,
+    pub state: GroupStatus,
     pub last_seq: Seq,
     pub read_seq: Seq,
     pub unread: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Receipts {
     pub read_by: Vec<UserId>,
     pub pending: Vec<UserId>,
@@ -301,8 +309,8 @@ impl GroupState {
         matches!(self.lifecycle, Lifecycle::Open)
     }
 
-    fn state_name(&self) -> &'static str {
-        if self.is_open() { "open" } else { "closed" }
+    fn status(&self) -> GroupStatus {
+        if self.is_open() { GroupStatus::Open } else { GroupStatus::Closed }
     }
 
     pub fn info(&self) -> GroupInfo {
@@ -311,7 +319,7 @@ impl GroupState {
             title: self.title.clone(),
             order_id: self.order_id.clone(),
             exception_type: self.exception_type,
-            state: self.state_name(),
+            state: self.status(),
             members: self
                 .members
                 .iter()
@@ -328,7 +336,7 @@ impl GroupState {
         Some(InboxItem {
             kind: self.kind,
             title: self.title.clone(),
-            state: self.state_name(),
+            state: self.status(),
             last_seq: self.last_seq,
             read_seq: m.read_seq,
             unread: self.last_seq.saturating_sub(m.read_seq),

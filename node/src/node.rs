@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use convoy_actors::body::BodyLimits;
@@ -13,12 +12,23 @@ use convoy_config::Config;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use tokio::sync::mpsc;
+
 use crate::admin::{self, Phase};
-use crate::entity::{EntityHost, EntityLimits, NodeRuntime};
+use crate::cluster::controller::{Controller, join_or_found};
+use crate::cluster::inbound::NodeInbound;
+use crate::cluster::meta::ClusterState;
+use crate::cluster::peers::{self, PeerSettings};
+use crate::cluster::presence::Presence;
+use crate::cluster::raft_net::PeerRaft;
+use crate::cluster::shards::{ShardResources, Shards};
+use crate::cluster::transport::{PeerEvent, Transport};
+use crate::cluster::view::ClusterView;
+use crate::cluster::wire::{GroupReport, Hello};
+use crate::entity::{EntityLimits, NodeRuntime};
 use crate::gateway::{self, Gateway, GatewayLimits, auth::TokenKeys, hub::Hub};
 use crate::router::Router;
-use crate::shard::network::NoPeers;
-use crate::shard::{Leadership, NodeAddr, NodeId, RaftGroupId, RaftSettings, ShardHost, ShardParts};
+use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings};
 use crate::store::{Durability, Store, StoreError, WriterLimits, keys};
 
 #[derive(Debug, thiserror::Error)]
@@ -167,9 +177,6 @@ pub async fn run(
     let (phase_tx, phase_rx) = watch::channel(Phase::Starting);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let hub = Arc::new(Hub::default());
-    let runtime = NodeRuntime::new(domain_config(&cfg), hub.clone());
-    let router = Router::new(cfg.cluster.shards, cfg.timeouts.leader_wait);
-    runtime.bind_router(router.clone());
 
     // Listen first: a port in use should fail fast, before any Raft group starts.
     let client_listener = gateway::bind(cfg.client.listen).await.map_err(|source| NodeError::Listen {
@@ -177,48 +184,97 @@ pub async fn run(
         addr: cfg.client.listen,
         source,
     })?;
+    std::net::TcpListener::bind(cfg.admin.listen).map_err(|source| NodeError::Listen {
+        what: "admin",
+        addr: cfg.admin.listen,
+        source,
+    })?;
+    std::net::TcpListener::bind(cfg.cluster.listen).map_err(|source| NodeError::Listen {
+        what: "cluster",
+        addr: cfg.cluster.listen,
+        source,
+    })?;
+
+    let (session_tx, session_rx) = mpsc::unbounded_channel();
+    let hello = Hello { node: node_id, addr: addr.clone(), cluster_id: 0 };
+    let transport = Transport::start(node_id, hello, cfg.cluster.listen, cfg.cluster.cookie.clone(), session_tx)
+        .await
+        .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
+    let view = Arc::new(ClusterView::new(node_id));
+    let presence = Presence::new(transport.clone(), hub.clone());
+    let runtime = NodeRuntime::new(domain_config(&cfg), presence.clone());
+    let router = Router::new(cfg.cluster.shards, cfg.timeouts.leader_wait, cfg.timeouts.request_timeout);
+    runtime.bind_router(router.clone());
+    router.connect(transport.clone(), view.clone());
+
+    let shards = Shards::new(
+        ShardResources {
+            me: node_id,
+            store: store.clone(),
+            raft: Arc::new(PeerRaft::new(transport.clone())),
+            settings: raft_settings(&cfg),
+            snapshot_root: data_dir.join("snapshots"),
+            cache_entities: (cfg.limits.max_active_entities / cfg.cluster.shards as usize).max(1024),
+            entity_limits: EntityLimits {
+                mailbox: cfg.limits.entity_mailbox,
+                max_active: cfg.limits.max_active_entities,
+                idle: cfg.timeouts.entity_idle,
+            },
+            runtime: runtime.clone(),
+        },
+        router.clone(),
+        view.clone(),
+    );
+    let meta = shards
+        .ensure(RaftGroupId::META)
+        .await
+        .map_err(|e| NodeError::Start("the metadata group".into(), e.to_string()))?;
+    let cluster_state = meta.data().cluster().expect("the metadata group carries the cluster state");
+    let inbound = Arc::new(NodeInbound {
+        transport: transport.clone(),
+        shards: shards.clone(),
+        view: view.clone(),
+        router: router.clone(),
+        presence: presence.clone(),
+        hub: hub.clone(),
+        snapshots: Default::default(),
+    });
+    transport.set_inbound(Arc::new(inbound));
+
     let admin_app = admin::router(admin::AdminState {
         phase: phase_rx.clone(),
         metrics,
         router: router.clone(),
         chaos: cfg.chaos.enabled,
     });
-    let admin_listener_check = std::net::TcpListener::bind(cfg.admin.listen).map_err(|source| NodeError::Listen {
-        what: "admin",
-        addr: cfg.admin.listen,
-        source,
-    })?;
-    drop(admin_listener_check);
     let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));
 
-    let entity_limits = EntityLimits {
-        mailbox: cfg.limits.entity_mailbox,
-        max_active: cfg.limits.max_active_entities,
-        idle: cfg.timeouts.entity_idle,
-    };
-    let active = Arc::new(AtomicUsize::new(0));
-    let cache_per_shard = (cfg.limits.max_active_entities / cfg.cluster.shards as usize).max(1024);
-    let transport = Arc::new(NoPeers);
-    for shard in 0..cfg.cluster.shards {
-        let group = RaftGroupId(shard);
-        let entities = EntityHost::new(group, runtime.clone(), entity_limits, active.clone())
-            .await
-            .map_err(|e| NodeError::Start(format!("entity supervisor of {group}"), e.to_string()))?;
-        let host = ShardHost::start(ShardParts {
-            group,
-            node: node_id,
-            store: store.clone(),
-            transport: transport.clone(),
-            settings: raft_settings(&cfg),
-            snapshot_root: data_dir.join("snapshots"),
-            cache_entities: cache_per_shard,
-            entities,
-        })
-        .await
-        .map_err(|e| NodeError::Start(group.to_string(), e.to_string()))?;
-        host.initialize_alone(addr.clone()).await.map_err(|e| NodeError::Start(group.to_string(), e.to_string()))?;
-        router.add_local(host);
-    }
+    // Peers: the seeds, then every member the cluster state names.
+    let seeds: Vec<String> = cfg.cluster.seeds.iter().filter(|s| **s != addr.cluster_addr).cloned().collect();
+    let (addrs_tx, addrs_rx) = watch::channel(seeds.clone());
+    peers::spawn(
+        transport.clone(),
+        PeerSettings {
+            heartbeat: cfg.cluster.heartbeat_interval,
+            failure_timeout: cfg.cluster.failure_timeout,
+            backoff_max: cfg.cluster.reconnect_backoff_max,
+        },
+        session_rx,
+        addrs_rx,
+        Arc::new(HeartbeatReports { shards: shards.clone(), view: view.clone() }),
+    );
+    tokio::spawn(follow_cluster(cluster_state.clone(), transport.clone(), view.clone(), addrs_tx, seeds.clone()));
+    tokio::spawn(shards.clone().run(cluster_state.clone()));
+    tokio::spawn(join_or_found(meta.clone(), transport.clone(), seeds));
+    let controller = Controller::new(
+        meta.clone(),
+        shards.clone(),
+        view.clone(),
+        transport.clone(),
+        cfg.cluster.shards,
+        cfg.cluster.replication_factor,
+    );
+    tokio::spawn(controller.run());
 
     let gw = Arc::new(Gateway::new(
         cfg.node.id.clone(),
@@ -231,7 +287,7 @@ pub async fn run(
     ));
     let gateway_task = tokio::spawn(gw.clone().serve(client_listener));
 
-    wait_until_leading(&router).await;
+    wait_until_serving(&router, &cluster_state, node_id).await;
     let _ = phase_tx.send(Phase::Ready);
     println!("convoy ready node={} client={client_url} admin={admin_url}", cfg.node.id);
     tracing::info!(node = %cfg.node.id, %client_url, %admin_url, "ready");
@@ -257,10 +313,66 @@ pub async fn run(
     Ok(())
 }
 
-async fn wait_until_leading(router: &Router) {
-    for host in router.local_hosts() {
-        let mut w = host.watch_leadership();
-        let _ = w.wait_for(|l| matches!(l, Leadership::Leading { .. })).await;
+/// Ready means: a member of a bootstrapped cluster whose every shard has a leader this
+/// node can reach.
+async fn wait_until_serving(router: &Router, cluster: &watch::Receiver<Arc<ClusterState>>, me: NodeId) {
+    loop {
+        let state = cluster.borrow().clone();
+        let member = state.is_bootstrapped() && state.members.contains_key(&me);
+        if member && (0..router.shards()).all(|s| router.leader_of(RaftGroupId(s)).is_some()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Feeds the heartbeats: our groups out, peers' groups into the view.
+struct HeartbeatReports {
+    shards: Arc<Shards>,
+    view: Arc<ClusterView>,
+}
+
+impl peers::Reports for HeartbeatReports {
+    fn local(&self) -> Vec<GroupReport> {
+        self.shards.reports()
+    }
+    fn received(&self, from: NodeId, reports: Vec<GroupReport>) {
+        self.view.update(from, reports);
+    }
+}
+
+/// Keeps what depends on the cluster state current: the addresses to dial, our cluster id
+/// in hellos, and the view (peers that went down).
+async fn follow_cluster(
+    mut cluster: watch::Receiver<Arc<ClusterState>>,
+    transport: Arc<Transport>,
+    view: Arc<ClusterView>,
+    addrs: watch::Sender<Vec<String>>,
+    seeds: Vec<String>,
+) {
+    let mut peers = transport.subscribe();
+    loop {
+        let state = cluster.borrow_and_update().clone();
+        transport.set_cluster_id(state.cluster_id);
+        let mut all = seeds.clone();
+        for m in state.members.values() {
+            if !all.contains(&m.addr.cluster_addr) && m.addr.cluster_addr != transport.hello().addr.cluster_addr {
+                all.push(m.addr.cluster_addr.clone());
+            }
+        }
+        addrs.send_if_modified(|a| {
+            let changed = *a != all;
+            *a = all;
+            changed
+        });
+        tokio::select! {
+            changed = cluster.changed() => if changed.is_err() { return },
+            event = peers.recv() => match event {
+                Ok(PeerEvent::Down(node)) => view.forget(node),
+                Ok(PeerEvent::Up(_)) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
     }
 }
 

@@ -143,7 +143,7 @@ async fn sends_are_pushed_to_members_and_synced_in_order() {
     let synced = rt.call(&driver, "msg.sync", r#"{"group":"exc-1","after":1,"limit":2}"#).await.unwrap();
     let Reply::Messages { messages, last_seq } = synced else { panic!() };
     assert_eq!(last_seq, 4);
-    assert_eq!(messages.iter().map(|m| m.0.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2, 3]);
     let pushes = &rt.world.lock().unwrap().pushes;
     let msg_pushes: Vec<_> = pushes.iter().filter(|(_, f)| f.contains(r#""ev":"msg""#)).collect();
     assert_eq!(msg_pushes.len(), 4, "the open entry and three messages");

@@ -155,7 +155,7 @@ fn only_managers_change_membership_and_closed_groups_refuse_messages() {
     assert_eq!(h.run(close.clone()).reply, Ok(GroupReply::Updated { changed: true }));
     assert_eq!(h.run(close).reply, Ok(GroupReply::Updated { changed: false }));
     assert_eq!(h.send("driver", "late").unwrap_err().code, ErrorCode::Conflict);
-    assert_eq!(h.state().info().state, "closed");
+    assert_eq!(h.state().info().state, GroupStatus::Closed);
 }
 
 #[test]

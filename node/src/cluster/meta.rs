@@ -101,7 +101,8 @@ impl ClusterState {
                 if !self.is_bootstrapped() {
                     return Err(MetaError::NotBootstrapped);
                 }
-                if let Some((&other, _)) = self.members.iter().find(|(id, m)| **id != node && m.addr.name == addr.name) {
+                if let Some((&other, _)) = self.members.iter().find(|(id, m)| **id != node && m.addr.name == addr.name)
+                {
                     return Err(MetaError::NameTaken { node, name: addr.name, other });
                 }
                 let status = self.members.get(&node).map_or(MemberStatus::Active, |m| m.status);

@@ -1,3 +1,14 @@
-//! The cluster: membership and placement (`meta`), node-to-node transport, failure detection.
+//! The cluster: metadata and placement (`meta`), the node-to-node transport
+//! (`transport`, `wire`), and the peer manager that keeps sessions to every peer up and
+//! notices when one goes silent (`peers`).
 
+pub mod controller;
+pub mod inbound;
 pub mod meta;
+pub mod peers;
+pub mod presence;
+pub mod raft_net;
+pub mod shards;
+pub mod transport;
+pub mod view;
+pub mod wire;

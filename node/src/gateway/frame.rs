@@ -75,7 +75,7 @@ pub fn ok<T: Serialize>(id: &str, body: &T) -> String {
 }
 
 pub fn reply(id: &str, reply: &Reply) -> String {
-    ok(id, reply)
+    ok(id, &reply.protocol())
 }
 
 /// Renders an error reply. `unavailable` and `rate_limited` always say when to retry.

@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use convoy_actors::ids::UserId;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-
-use crate::entity::Pusher;
 
 /// Where the hub delivers one connection's frames.
 pub struct ConnSink {
@@ -21,10 +19,24 @@ pub struct ConnSink {
     pub overflow: Arc<Notify>,
 }
 
+/// Users who came online here (`true`) or went offline (`false`), in order, for the
+/// cluster's presence directory.
+#[derive(Default)]
+pub struct PresenceChanges {
+    pub changes: Vec<(UserId, bool)>,
+    /// Too many changes piled up: send the full list instead.
+    pub overflowed: bool,
+}
+
+/// Changes kept before the presence directory must resync from the full list.
+const MAX_PENDING_CHANGES: usize = 65_536;
+
 #[derive(Default)]
 pub struct Hub {
     users: RwLock<HashMap<UserId, Vec<ConnSink>>>,
     next_id: AtomicU64,
+    changes: Mutex<PresenceChanges>,
+    changed: Notify,
 }
 
 /// Unregisters a connection when dropped.
@@ -49,7 +61,11 @@ impl Hub {
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut users = self.users.write();
-        users.entry(user.clone()).or_default().push(ConnSink { id, frames, overflow });
+        let conns = users.entry(user.clone()).or_default();
+        if conns.is_empty() {
+            self.note(&user, true);
+        }
+        conns.push(ConnSink { id, frames, overflow });
         metrics::gauge!("convoy_users_connected").set(users.len() as f64);
         Registration { hub: self.clone(), user, id }
     }
@@ -60,9 +76,38 @@ impl Hub {
             conns.retain(|c| c.id != id);
             if conns.is_empty() {
                 users.remove(user);
+                self.note(user, false);
             }
         }
         metrics::gauge!("convoy_users_connected").set(users.len() as f64);
+    }
+
+    fn note(&self, user: &UserId, online: bool) {
+        let mut c = self.changes.lock();
+        if c.changes.len() >= MAX_PENDING_CHANGES {
+            c.overflowed = true;
+            c.changes.clear();
+        }
+        if !c.overflowed {
+            c.changes.push((user.clone(), online));
+        }
+        drop(c);
+        self.changed.notify_one();
+    }
+
+    /// Takes the presence changes since the last call.
+    pub fn take_changes(&self) -> PresenceChanges {
+        std::mem::take(&mut *self.changes.lock())
+    }
+
+    /// Resolves when users came or went.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Every user connected here.
+    pub fn users(&self) -> Vec<UserId> {
+        self.users.read().keys().cloned().collect()
     }
 
     pub fn is_connected(&self, user: &UserId) -> bool {
@@ -88,11 +133,5 @@ impl Hub {
         }
         metrics::counter!("convoy_push_deliveries_total").increment(delivered as u64);
         delivered
-    }
-}
-
-impl Pusher for Hub {
-    fn push(&self, users: &[UserId], frame: Arc<str>) {
-        self.deliver(users, &Utf8Bytes::from(String::from(&*frame)));
     }
 }

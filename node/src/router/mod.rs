@@ -5,8 +5,7 @@
 //! answers `unavailable`.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use convoy_actors::behavior::Request;
@@ -16,6 +15,9 @@ use convoy_actors::{EntityKey, ErrorCode, Rejection};
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
+use crate::cluster::transport::Transport;
+use crate::cluster::view::ClusterView;
+use crate::cluster::wire::{Call, CallReply, Routed};
 use crate::shard::{Leadership, NodeId, RaftGroupId, ShardHost};
 
 /// The shard an entity lives in. Stable across versions and nodes: xxh3 of the kind and
@@ -34,6 +36,52 @@ enum Target {
     Nobody,
 }
 
+/// One routed operation, cloned for each attempt.
+#[derive(Debug, Clone)]
+enum Op {
+    Request(EntityKey, Request),
+    Propose(EntityKey, Command),
+    Query(EntityKey, Query),
+}
+
+impl Op {
+    fn key(&self) -> &EntityKey {
+        match self {
+            Op::Request(k, _) | Op::Propose(k, _) | Op::Query(k, _) => k,
+        }
+    }
+
+    async fn run(self, host: &ShardHost) -> Result<Reply, Rejection> {
+        match self {
+            Op::Request(key, req) => host.request(key, req).await,
+            Op::Propose(key, cmd) => host.propose(key, cmd).await,
+            Op::Query(key, q) => host.query(key, q).await,
+        }
+    }
+
+    fn routed(self) -> Routed {
+        match self {
+            Op::Request(key, request) => Routed::Request { key, request },
+            Op::Propose(key, command) => Routed::Propose { key, command },
+            Op::Query(key, query) => Routed::Query { key, query },
+        }
+    }
+
+    fn from_routed(r: Routed) -> Op {
+        match r {
+            Routed::Request { key, request } => Op::Request(key, request),
+            Routed::Propose { key, command } => Op::Propose(key, command),
+            Routed::Query { key, query } => Op::Query(key, query),
+        }
+    }
+}
+
+/// How the router reaches other nodes.
+struct Remote {
+    transport: Arc<Transport>,
+    view: Arc<ClusterView>,
+}
+
 #[derive(Clone)]
 pub struct Router {
     inner: Arc<Inner>,
@@ -42,7 +90,9 @@ pub struct Router {
 struct Inner {
     shards: u16,
     leader_wait: Duration,
+    request_timeout: Duration,
     local: RwLock<HashMap<RaftGroupId, Arc<ShardHost>>>,
+    remote: OnceLock<Remote>,
 }
 
 fn unavailable(message: String) -> Rejection {
@@ -50,9 +100,22 @@ fn unavailable(message: String) -> Rejection {
 }
 
 impl Router {
-    pub fn new(shards: u16, leader_wait: Duration) -> Router {
+    pub fn new(shards: u16, leader_wait: Duration, request_timeout: Duration) -> Router {
         assert!(shards > 0, "a cluster has at least one shard");
-        Router { inner: Arc::new(Inner { shards, leader_wait, local: RwLock::new(HashMap::new()) }) }
+        Router {
+            inner: Arc::new(Inner {
+                shards,
+                leader_wait,
+                request_timeout,
+                local: RwLock::new(HashMap::new()),
+                remote: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Lets the router forward to other nodes (once the transport runs).
+    pub fn connect(&self, transport: Arc<Transport>, view: Arc<ClusterView>) {
+        let _ = self.inner.remote.set(Remote { transport, view });
     }
 
     pub fn shards(&self) -> u16 {
@@ -61,6 +124,10 @@ impl Router {
 
     pub fn add_local(&self, host: Arc<ShardHost>) {
         self.inner.local.write().insert(host.group(), host);
+    }
+
+    pub fn remove_local(&self, group: RaftGroupId) -> Option<Arc<ShardHost>> {
+        self.inner.local.write().remove(&group)
     }
 
     pub fn local(&self, group: RaftGroupId) -> Option<Arc<ShardHost>> {
@@ -77,90 +144,122 @@ impl Router {
         shard_of(key, self.inner.shards)
     }
 
-    fn target(&self, group: RaftGroupId) -> Target {
-        match self.local(group) {
-            Some(host) => match host.leadership() {
-                Leadership::Leading { .. } => Target::Local(host),
-                Leadership::Following { leader: Some(node) } => Target::Remote(node),
-                Leadership::Following { leader: None } => Target::Nobody,
-            },
-            None => Target::Nobody,
+    /// The node that leads `group`, as far as this node knows.
+    pub fn leader_of(&self, group: RaftGroupId) -> Option<NodeId> {
+        match self.target(group) {
+            Target::Local(host) => Some(host.node()),
+            Target::Remote(node) => Some(node),
+            Target::Nobody => None,
         }
     }
 
-    /// Runs `call` on the shard's leader, waiting for one to exist.
-    async fn on_leader<F, Fut>(&self, key: &EntityKey, call: F) -> Result<Reply, Rejection>
-    where
-        F: Fn(Arc<ShardHost>) -> Fut,
-        Fut: Future<Output = Result<Reply, Rejection>>,
-    {
-        let group = self.shard_of(key);
+    fn target(&self, group: RaftGroupId) -> Target {
+        let local = self.local(group);
+        if let Some(host) = &local
+            && let Leadership::Leading { .. } = host.leadership()
+        {
+            return Target::Local(host.clone());
+        }
+        let Some(remote) = self.inner.remote.get() else { return Target::Nobody };
+        // A replica here knows its leader first-hand; otherwise ask the view.
+        let leader = match local.map(|h| h.leadership()) {
+            Some(Leadership::Following { leader: Some(l) }) => Some(l),
+            _ => remote.view.leader(group),
+        };
+        match leader {
+            Some(l) if l != remote.transport.me() && remote.transport.is_up(l) => Target::Remote(l),
+            _ => Target::Nobody,
+        }
+    }
+
+    /// Runs `op` on the shard's leader, wherever it is, waiting for one to exist.
+    async fn route(&self, op: Op) -> Result<Reply, Rejection> {
+        let group = self.shard_of(op.key());
         let deadline = Instant::now() + self.inner.leader_wait;
         loop {
-            let waited = match self.target(group) {
-                Target::Local(host) => {
-                    let result = call(host.clone()).await;
-                    match result {
-                        // Leadership moved while the request was on its way: follow it.
-                        Err(r)
-                            if r.code == ErrorCode::Unavailable
-                                && !matches!(host.leadership(), Leadership::Leading { .. }) =>
-                        {
-                            Some(r)
-                        }
-                        other => return other,
+            let failure = match self.target(group) {
+                Target::Local(host) => match op.clone().run(&host).await {
+                    // Leadership moved while the request was on its way: follow it.
+                    Err(r)
+                        if r.code == ErrorCode::Unavailable
+                            && !matches!(host.leadership(), Leadership::Leading { .. }) =>
+                    {
+                        r
                     }
+                    other => return other,
+                },
+                Target::Remote(node) => match self.forward(node, op.clone()).await {
+                    Ok(Err(r)) if r.code == ErrorCode::Unavailable => r,
+                    Ok(result) => return result,
+                    Err(r) => r,
+                },
+                Target::Nobody => {
+                    unavailable(format!("{group} has no reachable leader yet (an election may be under way)"))
                 }
-                Target::Remote(node) => {
-                    Some(unavailable(format!("{group} is led by node {node:x}, which this node cannot reach yet")))
-                }
-                Target::Nobody => Some(unavailable(format!("{group} has no leader yet (an election is under way)"))),
             };
             if Instant::now() >= deadline {
                 metrics::counter!("convoy_router_unavailable_total").increment(1);
-                return Err(waited.unwrap_or_else(|| unavailable(format!("{group} is unavailable"))));
+                return Err(failure);
             }
             self.wait_for_change(group, deadline).await;
         }
     }
 
-    /// Sleeps until the shard's leadership changes, a short backoff passes, or `deadline`.
+    /// Sends `op` to `node`. `Err` when it did not get there or `node` does not lead.
+    async fn forward(&self, node: NodeId, op: Op) -> Result<Result<Reply, Rejection>, Rejection> {
+        let remote = self.inner.remote.get().expect("a remote target implies a transport");
+        let call = Call::Route(op.routed());
+        metrics::counter!("convoy_router_forwards_total").increment(1);
+        match remote.transport.call(node, &call, self.inner.request_timeout).await {
+            Ok(CallReply::Routed(result)) => Ok(result),
+            Ok(CallReply::NotHere { reason, .. }) => Err(unavailable(reason)),
+            Ok(other) => Err(Rejection::new(ErrorCode::Internal, format!("node {node:x} answered oddly: {other:?}"))),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    /// Serves an operation another node forwarded: only if this node leads the shard.
+    pub async fn serve_local(&self, routed: Routed) -> CallReply {
+        let op = Op::from_routed(routed);
+        let group = self.shard_of(op.key());
+        match self.local(group) {
+            Some(host) if matches!(host.leadership(), Leadership::Leading { .. }) => {
+                CallReply::Routed(op.run(&host).await)
+            }
+            Some(host) => {
+                let leader = match host.leadership() {
+                    Leadership::Following { leader } => leader,
+                    Leadership::Leading { .. } => None,
+                };
+                CallReply::NotHere { leader, reason: format!("{group} is not led by this node") }
+            }
+            None => CallReply::NotHere { leader: None, reason: format!("{group} is not hosted on this node") },
+        }
+    }
+
+    /// Sleeps until the shard's leadership changes (here or in the view), a short backoff
+    /// passes, or `deadline`.
     async fn wait_for_change(&self, group: RaftGroupId, deadline: Instant) {
         let backoff = tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(50)));
-        match self.local(group) {
-            Some(host) => {
-                let mut watch = host.watch_leadership();
-                tokio::select! {
-                    _ = watch.changed() => {}
-                    _ = backoff => {}
-                }
-            }
-            None => backoff.await,
+        let mut local = self.local(group).map(|h| h.watch_leadership());
+        let mut view = self.inner.remote.get().map(|r| r.view.watch());
+        tokio::select! {
+            _ = async { match &mut local { Some(w) => { let _ = w.changed().await; } None => std::future::pending().await } } => {}
+            _ = async { match &mut view { Some(w) => { let _ = w.changed().await; } None => std::future::pending().await } } => {}
+            _ = backoff => {}
         }
     }
 
     pub async fn request(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
-        self.on_leader(&key, |host| {
-            let (key, req) = (key.clone(), req.clone());
-            async move { host.request(key, req).await }
-        })
-        .await
+        self.route(Op::Request(key, req)).await
     }
 
     pub async fn propose(&self, key: EntityKey, cmd: Command) -> Result<Reply, Rejection> {
-        self.on_leader(&key, |host| {
-            let (key, cmd) = (key.clone(), cmd.clone());
-            async move { host.propose(key, cmd).await }
-        })
-        .await
+        self.route(Op::Propose(key, cmd)).await
     }
 
     pub async fn query(&self, key: EntityKey, q: Query) -> Result<Reply, Rejection> {
-        self.on_leader(&key, |host| {
-            let (key, q) = (key.clone(), q.clone());
-            async move { host.query(key, q).await }
-        })
-        .await
+        self.route(Op::Query(key, q)).await
     }
 
     /// Serves a parsed client operation.

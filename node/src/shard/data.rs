@@ -12,10 +12,11 @@ use convoy_actors::group::Entry as LogEntry;
 use convoy_actors::{EntityKey, StorageFault, Timestamp};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::RaftGroupId;
 use super::state_machine::{AppliedEffects, AppliedSink};
+use crate::cluster::meta::ClusterState;
 use crate::store::{Store, StoreError, codec, keys};
 
 /// Deadlines of every entity in the group, earliest first.
@@ -40,6 +41,8 @@ impl TimerIndex {
 
 pub struct ShardData {
     group: RaftGroupId,
+    /// The metadata group's replicated cluster state (absent for shards).
+    cluster: Option<watch::Sender<Arc<ClusterState>>>,
     store: Store,
     cache: Mutex<LruCache<EntityKey, Option<Arc<EntityState>>>>,
     timers: Mutex<TimerIndex>,
@@ -54,8 +57,10 @@ fn fault(e: StoreError) -> StorageFault {
 impl ShardData {
     pub fn new(group: RaftGroupId, store: Store, cache_entities: usize) -> ShardData {
         let cap = NonZeroUsize::new(cache_entities.max(16)).expect("at least 16");
+        let cluster = group.is_meta().then(|| watch::channel(Arc::new(ClusterState::default())).0);
         ShardData {
             group,
+            cluster,
             store,
             cache: Mutex::new(LruCache::new(cap)),
             timers: Mutex::new(TimerIndex::default()),
@@ -66,6 +71,31 @@ impl ShardData {
 
     pub fn group(&self) -> RaftGroupId {
         self.group
+    }
+
+    /// The cluster state as applied here (metadata group only).
+    pub fn cluster(&self) -> Option<watch::Receiver<Arc<ClusterState>>> {
+        self.cluster.as_ref().map(|c| c.subscribe())
+    }
+
+    pub(super) fn cluster_now(&self) -> Option<Arc<ClusterState>> {
+        self.cluster.as_ref().map(|c| c.borrow().clone())
+    }
+
+    pub(super) fn publish_cluster(&self, state: ClusterState) {
+        if let Some(c) = &self.cluster {
+            c.send_replace(Arc::new(state));
+        }
+    }
+
+    /// Loads the stored cluster state (startup, snapshot install).
+    pub(super) fn reload_cluster(&self) -> Result<(), StoreError> {
+        if self.cluster.is_some() {
+            let state: ClusterState =
+                self.store.get("cluster state", &keys::cluster_state(self.group))?.unwrap_or_default();
+            self.publish_cluster(state);
+        }
+        Ok(())
     }
 
     /// The committed state of `key`, `None` if it does not exist. A cache miss reads the
@@ -124,6 +154,7 @@ impl ShardData {
     /// Forgets cached states after the stored ones were replaced wholesale.
     pub(super) fn reset(&self) -> Result<(), StoreError> {
         self.cache.lock().clear();
+        self.reload_cluster()?;
         self.reload_timers()
     }
 

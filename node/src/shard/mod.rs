@@ -10,7 +10,7 @@ pub mod network;
 mod state_machine;
 mod types;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,12 +21,13 @@ use convoy_actors::{EntityKey, ErrorCode, Rejection, Timestamp};
 pub use data::ShardData;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{Config, ReadPolicy, ServerState};
+use openraft::{ChangeMembers, Config, ReadPolicy, ServerState};
 pub use state_machine::{AppliedEffects, AppliedSink, ShardStateMachine};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 pub use types::*;
 
+use crate::cluster::meta::MetaCommand;
 use crate::entity::EntityHost;
 use crate::store::raft_log::RaftLog;
 use crate::store::{Store, StoreError};
@@ -86,6 +87,7 @@ pub struct ShardHost {
     entities: Arc<EntityHost>,
     leadership: watch::Receiver<Leadership>,
     tasks: Vec<JoinHandle<()>>,
+    reconciling: std::sync::atomic::AtomicBool,
 }
 
 pub fn now() -> Timestamp {
@@ -121,11 +123,24 @@ impl ShardHost {
         let (tx, rx) = watch::channel(Leadership::Following { leader: None });
         entities.attach(data.clone());
         let watcher = tokio::spawn(watch_leadership(group, node, raft.clone(), data.clone(), entities.clone(), tx));
-        Ok(Arc::new(ShardHost { group, node, raft, data, entities, leadership: rx, tasks: vec![watcher] }))
+        Ok(Arc::new(ShardHost {
+            group,
+            node,
+            raft,
+            data,
+            entities,
+            leadership: rx,
+            tasks: vec![watcher],
+            reconciling: Default::default(),
+        }))
     }
 
     pub fn group(&self) -> RaftGroupId {
         self.group
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
     }
 
     pub fn raft(&self) -> &Raft {
@@ -148,17 +163,76 @@ impl ShardHost {
         self.leadership.clone()
     }
 
-    /// Makes this node the only member of the group if the group was never initialized.
-    pub async fn initialize_alone(&self, addr: NodeAddr) -> Result<(), ShardError> {
+    /// Makes the group a Raft group of `members` if it never was one. Idempotent.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeAddr>) -> Result<(), ShardError> {
         if self.raft.is_initialized().await.map_err(|e| ShardError::Raft(e.to_string()))? {
             return Ok(());
         }
-        let members = BTreeMap::from([(self.node, addr)]);
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(ShardError::Raft(e.to_string())),
         }
+    }
+
+    /// Appends a cluster metadata command (metadata group, on its leader).
+    pub async fn propose_meta(&self, cmd: MetaCommand) -> Result<(), String> {
+        match self.raft.client_write(RaftRequest::Meta(cmd)).await {
+            Ok(resp) => match resp.response() {
+                ApplyResult::Meta(r) => r.clone().map_err(|e| e.to_string()),
+                other => Err(format!("a metadata command applied to {other:?}")),
+            },
+            Err(e) => Err(format!("{}: {e}", self.group)),
+        }
+    }
+
+    /// Adds `node` as a learner without waiting for it to catch up.
+    pub async fn add_learner(&self, node: NodeId, addr: NodeAddr) -> Result<(), String> {
+        self.raft.add_learner(node, addr, false).await.map(|_| ()).map_err(|e| format!("{}: {e}", self.group))
+    }
+
+    /// Makes `voters` the group's voters (every one must already be a member).
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), String> {
+        self.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", self.group))
+    }
+
+    /// As the leader: makes the group's voters exactly `members`: the new ones join as
+    /// learners and catch up first, then one membership change swaps the voters. Runs in
+    /// the background (catching up can take long); one at a time per group.
+    pub async fn reconcile(self: &Arc<Self>, members: Vec<(NodeId, NodeAddr)>) -> Result<(), String> {
+        if self.reconciling.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let host = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let m = host.raft.metrics().borrow_watched().clone();
+                let current = m.membership_config.membership().clone();
+                for (node, addr) in &members {
+                    if current.get_node(node).is_none() {
+                        tracing::info!(group = %host.group, node = %addr, "adding a replica; it catches up as a learner first");
+                        host.raft.add_learner(*node, addr.clone(), true).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                let voters: BTreeSet<NodeId> = members.iter().map(|(n, _)| *n).collect();
+                host.change_voters(voters).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(group = %host.group, error = %e, "moving replicas failed; the controller will retry");
+            }
+            host.reconciling.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(())
+    }
+
+    /// As the leader: hands leadership to `to`.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), String> {
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| format!("{}: {e}", self.group))
     }
 
     fn check_leading(&self) -> Result<(), Rejection> {
@@ -184,8 +258,8 @@ impl ShardHost {
         match written {
             Ok(resp) => match resp.response() {
                 ApplyResult::Entity(reply) => (**reply).clone(),
-                ApplyResult::Nothing => {
-                    Err(Rejection::new(ErrorCode::Internal, "an entity command applied to nothing"))
+                ApplyResult::Meta(_) | ApplyResult::Nothing => {
+                    Err(Rejection::new(ErrorCode::Internal, "an entity command applied to something else"))
                 }
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 
 use super::{NodeAddr, NodeId, RaftGroupId, TypeConfig, Vote};
@@ -52,6 +55,13 @@ pub trait RaftTransport: Send + Sync + 'static {
         snapshot: Snapshot,
         option: RPCOption,
     ) -> impl Future<Output = Result<SnapshotResponse<TypeConfig>, TransportError>> + Send;
+    fn transfer_leader(
+        &self,
+        target: NodeId,
+        group: RaftGroupId,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> impl Future<Output = Result<TransferLeaderResponse<TypeConfig>, TransportError>> + Send;
 }
 
 /// The transport of a node that has no peers: every RPC finds nobody.
@@ -86,6 +96,15 @@ impl RaftTransport for NoPeers {
         _: Snapshot,
         _: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, TransportError> {
+        Err(TransportError::NotConnected(target))
+    }
+    async fn transfer_leader(
+        &self,
+        target: NodeId,
+        _: RaftGroupId,
+        _: TransferLeaderRequest<TypeConfig>,
+        _: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, TransportError> {
         Err(TransportError::NotConnected(target))
     }
 }
@@ -158,6 +177,19 @@ impl<T: RaftTransport> GroupRouter<TypeConfig, RaftGroupId> for Network<T> {
                 sent.map_err(|e| StreamingError::Unreachable(unreachable(e)))
             }
         }
+    }
+
+    async fn transfer_leader(
+        &self,
+        target: NodeId,
+        group: RaftGroupId,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.transport
+            .transfer_leader(target, group, req, option)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
     }
 }
 

@@ -79,6 +79,7 @@ impl ShardStateMachine {
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", snapshot_dir.display())))?;
         let current = latest_snapshot(&snapshot_dir)?;
         data.reload_timers()?;
+        data.reload_cluster()?;
         Ok(ShardStateMachine {
             group,
             store,
@@ -182,6 +183,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let mut replies = Vec::new();
         let mut effects = Vec::new();
         let mut timer_changes = Vec::new();
+        let mut cluster: Option<crate::cluster::meta::ClusterState> = None;
         let mut count = 0u64;
         while let Some((entry, responder)) = entries.try_next().await? {
             count += 1;
@@ -192,6 +194,13 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 EntryPayload::Membership(m) => {
                     self.meta.membership = StoredMembership::new(Some(log_id), m);
                     ApplyResult::Nothing
+                }
+                EntryPayload::Normal(RaftRequest::Meta(cmd)) => {
+                    let Some(current) = self.data.cluster_now() else {
+                        return Err(io::Error::other(format!("{group} is not the metadata group but got {cmd:?}")));
+                    };
+                    let state = cluster.get_or_insert_with(|| (*current).clone());
+                    ApplyResult::Meta(state.apply(cmd))
                 }
                 EntryPayload::Normal(RaftRequest::Entity(c)) => {
                     let state = match states.get_mut(&c.key) {
@@ -246,6 +255,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 batch.put(keys::state(group, key), codec::encode(state));
             }
         }
+        if let Some(state) = &cluster {
+            batch.put(keys::cluster_state(group), codec::encode(state));
+        }
         batch.put(keys::applied(group), codec::encode(&self.meta));
         metrics::histogram!("convoy_apply_batch_entries").record(count as f64);
 
@@ -280,6 +292,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             let keys: Vec<EntityKey> = written.iter().map(|(k, _)| k.clone()).collect();
             data.publish(written.into_iter());
             data.apply_timer_changes(timer_changes);
+            if let Some(state) = cluster {
+                data.publish_cluster(state);
+            }
             {
                 let mut u = unwritten.lock();
                 for k in keys {

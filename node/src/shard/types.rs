@@ -8,6 +8,8 @@ use convoy_actors::domain::{Command, Reply};
 use convoy_actors::{EntityKey, Rejection, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::meta::{MetaCommand, MetaError};
+
 /// A Raft group: shard `0..shards`, or the metadata group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RaftGroupId(pub u16);
@@ -57,16 +59,19 @@ pub struct EntityCommand {
     pub traceparent: Option<String>,
 }
 
-/// A log entry's application payload.
+/// A log entry's application payload: entity commands in shard groups, cluster metadata
+/// commands in the metadata group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RaftRequest {
     Entity(EntityCommand),
+    Meta(MetaCommand),
 }
 
 impl fmt::Display for RaftRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RaftRequest::Entity(c) => write!(f, "{} at {}", c.key, c.at.0),
+            RaftRequest::Meta(c) => write!(f, "{c:?}"),
         }
     }
 }
@@ -76,6 +81,7 @@ impl fmt::Display for RaftRequest {
 #[derive(Debug, Clone)]
 pub enum ApplyResult {
     Entity(Arc<Result<Reply, Rejection>>),
+    Meta(Result<(), MetaError>),
     Nothing,
 }
 

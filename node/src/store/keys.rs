@@ -12,6 +12,7 @@
 //! 02 <group:u16> 03 <entity> 00 <seq:u64>     entity log entry
 //! 02 <group:u16> 04 <entity> 00 <idem key>    idempotency index -> (seq, ts)
 //! 02 <group:u16> 05 <entity> 00 <timer>       timer -> due
+//! 02 <group:u16> 06                           cluster metadata (metadata group only)
 //! ```
 //! Everything a group's state machine owns lies under `02 <group>`: a snapshot is that
 //! prefix, and installing one replaces it.
@@ -34,6 +35,7 @@ const STATE: u8 = 0x02;
 const ENTRY: u8 = 0x03;
 const IDEMPOTENCY: u8 = 0x04;
 const TIMER: u8 = 0x05;
+const CLUSTER: u8 = 0x06;
 
 pub fn node_meta(name: &str) -> Vec<u8> {
     let mut k = vec![NODE];
@@ -47,6 +49,15 @@ fn raft(group: RaftGroupId, tag: u8) -> Vec<u8> {
     k.extend_from_slice(&group.0.to_be_bytes());
     k.push(tag);
     k
+}
+
+/// `[start, end)` of everything a group's Raft log storage owns.
+pub fn raft_group(group: RaftGroupId) -> (Vec<u8>, Vec<u8>) {
+    let mut start = vec![RAFT];
+    start.extend_from_slice(&group.0.to_be_bytes());
+    let mut end = start.clone();
+    end.push(0xFF);
+    (start, end)
 }
 
 pub fn vote(group: RaftGroupId) -> Vec<u8> {
@@ -92,6 +103,10 @@ pub fn state_machine(group: RaftGroupId) -> (Vec<u8>, Vec<u8>) {
 
 pub fn applied(group: RaftGroupId) -> Vec<u8> {
     sm(group, APPLIED)
+}
+
+pub fn cluster_state(group: RaftGroupId) -> Vec<u8> {
+    sm(group, CLUSTER)
 }
 
 fn push_entity(k: &mut Vec<u8>, key: &EntityKey) {

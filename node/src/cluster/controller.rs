@@ -1,0 +1,286 @@
+//! The controller: on whichever node leads the metadata group, it turns the cluster state
+//! into Raft memberships. It founds the cluster, admits joining nodes to the metadata
+//! group, creates each shard's Raft group on its placed replicas, moves replicas when
+//! placement changes (add learners, then change voters), spreads shard leaders evenly by
+//! leader transfer, and forgets drained nodes once they hold nothing.
+//!
+//! It acts on what it sees (the view) and repeats until what it sees matches: every step
+//! is idempotent, so a new metadata leader simply carries on.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::meta::{ClusterState, MemberStatus, MetaCommand};
+use super::shards::Shards;
+use super::transport::Transport;
+use super::view::ClusterView;
+use super::wire::{Call, CallReply, Control, Hello};
+use crate::shard::{Leadership, NodeAddr, NodeId, RaftGroupId, ShardHost};
+
+const ROUND: Duration = Duration::from_millis(300);
+/// A group that was just acted on is left alone this long.
+const COOLDOWN: Duration = Duration::from_secs(3);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Controller {
+    meta: Arc<ShardHost>,
+    shards: Arc<Shards>,
+    view: Arc<ClusterView>,
+    transport: Arc<Transport>,
+    shard_count: u16,
+    replication_factor: u8,
+    acted: Mutex<HashMap<RaftGroupId, Instant>>,
+}
+
+impl Controller {
+    pub fn new(
+        meta: Arc<ShardHost>,
+        shards: Arc<Shards>,
+        view: Arc<ClusterView>,
+        transport: Arc<Transport>,
+        shard_count: u16,
+        replication_factor: u8,
+    ) -> Arc<Controller> {
+        Arc::new(Controller {
+            meta,
+            shards,
+            view,
+            transport,
+            shard_count,
+            replication_factor,
+            acted: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn leading(&self) -> bool {
+        matches!(self.meta.leadership(), Leadership::Leading { .. })
+    }
+
+    fn cooling(&self, group: RaftGroupId) -> bool {
+        self.acted.lock().get(&group).is_some_and(|t| t.elapsed() < COOLDOWN)
+    }
+
+    fn acted_on(&self, group: RaftGroupId) {
+        self.acted.lock().insert(group, Instant::now());
+    }
+
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ROUND).await;
+            if !self.leading() {
+                continue;
+            }
+            let state = self.meta.data().cluster().map(|c| c.borrow().clone());
+            let Some(state) = state else { continue };
+            if let Err(e) = self.round(&state).await {
+                tracing::debug!(error = %e, "controller round");
+            }
+        }
+    }
+
+    async fn round(&self, state: &ClusterState) -> Result<(), String> {
+        let meta_report = super::shards::report(&self.meta);
+        if !state.is_bootstrapped() {
+            // Found the cluster with the metadata group's voters as its members.
+            let members: Vec<(NodeId, NodeAddr)> = meta_members(&self.meta);
+            let cluster_id = rand::random::<u64>() | 1;
+            tracing::info!(members = members.len(), shards = self.shard_count, "bootstrapping the cluster");
+            self.meta
+                .propose_meta(MetaCommand::Bootstrap {
+                    cluster_id,
+                    shards: self.shard_count,
+                    replication_factor: self.replication_factor,
+                    members,
+                })
+                .await?;
+            return Ok(());
+        }
+        self.reconcile_meta_group(state, &meta_report.voters, &meta_report.learners).await?;
+        let mut led: BTreeMap<NodeId, Vec<RaftGroupId>> = state.active().map(|n| (n, Vec::new())).collect();
+        for s in 0..state.shards {
+            let group = RaftGroupId(s);
+            let desired = state.replicas(group);
+            if desired.is_empty() || self.cooling(group) {
+                continue;
+            }
+            match self.view.group(group).filter(|v| !v.voters.is_empty()) {
+                // Never created (nobody reports a member): the first placed replica
+                // creates it with all of them.
+                None => {
+                    let members: Vec<(NodeId, NodeAddr)> =
+                        desired.iter().filter_map(|n| state.members.get(n).map(|m| (*n, m.addr.clone()))).collect();
+                    self.acted_on(group);
+                    self.control(desired[0], Control::InitShard { group, members }).await?;
+                }
+                Some(view) => {
+                    let Some(leader) = view.leader else { continue };
+                    led.entry(leader).or_default().push(group);
+                    let have: BTreeSet<NodeId> = view.voters.iter().copied().collect();
+                    let want: BTreeSet<NodeId> = desired.iter().copied().collect();
+                    if have != want {
+                        let members: Vec<(NodeId, NodeAddr)> =
+                            desired.iter().filter_map(|n| state.members.get(n).map(|m| (*n, m.addr.clone()))).collect();
+                        tracing::info!(%group, ?have, ?want, "moving replicas");
+                        self.acted_on(group);
+                        self.control(leader, Control::Reconcile { group, members }).await?;
+                    }
+                }
+            }
+        }
+        self.balance_leaders(state, led).await?;
+        self.forget_drained(state).await
+    }
+
+    /// The metadata group's voters follow the active members (draining ones stay until
+    /// they are removed).
+    async fn reconcile_meta_group(
+        &self,
+        state: &ClusterState,
+        voters: &[NodeId],
+        learners: &[NodeId],
+    ) -> Result<(), String> {
+        let want: BTreeSet<NodeId> = state.members.keys().copied().collect();
+        let have: BTreeSet<NodeId> = voters.iter().copied().collect();
+        if want == have || self.cooling(RaftGroupId::META) {
+            return Ok(());
+        }
+        self.acted_on(RaftGroupId::META);
+        for node in want.difference(&have) {
+            if !learners.contains(node) && self.transport.is_up(*node) {
+                let addr = state.members[node].addr.clone();
+                self.meta.add_learner(*node, addr).await?;
+            }
+        }
+        // Only nodes that are reachable learners can become voters without stalling.
+        let target: BTreeSet<NodeId> =
+            want.iter().copied().filter(|n| have.contains(n) || learners.contains(n)).collect();
+        if target != have && !target.is_empty() {
+            tracing::info!(?have, ?target, "changing the metadata group's voters");
+            self.meta.change_voters(target).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves one leadership per round from the busiest node to the idlest, when they
+    /// differ by two or more.
+    async fn balance_leaders(
+        &self,
+        state: &ClusterState,
+        led: BTreeMap<NodeId, Vec<RaftGroupId>>,
+    ) -> Result<(), String> {
+        let Some((&busiest, groups)) = led.iter().max_by_key(|(_, g)| g.len()) else { return Ok(()) };
+        let Some((&idlest, few)) = led
+            .iter()
+            .filter(|(n, _)| state.members.get(n).is_some_and(|m| m.status == MemberStatus::Active))
+            .min_by_key(|(_, g)| g.len())
+        else {
+            return Ok(());
+        };
+        if groups.len() < few.len() + 2 {
+            return Ok(());
+        }
+        let Some(&group) = groups
+            .iter()
+            .find(|g| !self.cooling(**g) && self.view.group(**g).is_some_and(|v| v.voters.contains(&idlest)))
+        else {
+            return Ok(());
+        };
+        tracing::info!(%group, from = format!("{busiest:x}"), to = format!("{idlest:x}"), "spreading shard leaders");
+        self.acted_on(group);
+        self.control(busiest, Control::TransferLeader { group, to: idlest }).await
+    }
+
+    /// A draining node that holds no replica anymore leaves the cluster.
+    async fn forget_drained(&self, state: &ClusterState) -> Result<(), String> {
+        for (node, m) in &state.members {
+            if m.status != MemberStatus::Draining {
+                continue;
+            }
+            let holds = (0..state.shards).any(|s| {
+                self.view.group(RaftGroupId(s)).is_some_and(|v| v.voters.contains(node) || v.learners.contains(node))
+            });
+            if !holds {
+                tracing::info!(node = %m.addr, "drained: removing it from the cluster");
+                self.meta.propose_meta(MetaCommand::Remove { node: *node }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Has `node` carry out `control` (this node included).
+    async fn control(&self, node: NodeId, control: Control) -> Result<(), String> {
+        if node == self.transport.me() {
+            return super::inbound::control(&self.shards, &self.view, &self.transport, self.transport.me(), control)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        match self.transport.call(node, &Call::Control(control), CONTROL_TIMEOUT).await {
+            Ok(CallReply::Done) => Ok(()),
+            Ok(CallReply::Failed(e)) | Ok(CallReply::NotHere { reason: e, .. }) => Err(e),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn meta_members(meta: &ShardHost) -> Vec<(NodeId, NodeAddr)> {
+    let m = meta.raft().metrics().borrow_watched().clone();
+    m.membership_config.membership().nodes().map(|(id, addr)| (*id, addr.clone())).collect()
+}
+
+use openraft::type_config::async_runtime::WatchReceiver;
+
+/// Joins this node to a cluster, or founds one. Runs until this node is a member.
+///
+/// - Already a member (restart): nothing to do.
+/// - No seeds: a cluster of one; the metadata group is initialized here.
+/// - Seeds: once every seed answered hello, if one of them belongs to a cluster, ask it to
+///   let us in; if none does, the node with the smallest name initializes the metadata
+///   group with all of them (the others wait to hear from its leader).
+pub async fn join_or_found(meta: Arc<ShardHost>, transport: Arc<Transport>, seeds: Vec<String>) {
+    let me = transport.hello();
+    loop {
+        let state = meta.data().cluster().map(|c| c.borrow().clone()).unwrap_or_default();
+        if state.members.contains_key(&me.node) {
+            return;
+        }
+        let initialized = meta.raft().is_initialized().await.unwrap_or(false);
+        if seeds.is_empty() && !initialized {
+            if let Err(e) = meta.initialize(BTreeMap::from([(me.node, me.addr.clone())])).await {
+                tracing::error!(error = %e, "initializing the metadata group");
+            }
+        } else if !seeds.is_empty() {
+            let peers = transport.peers();
+            if let Some(member) = peers.iter().find(|p| p.cluster_id != 0) {
+                ask_to_join(&transport, member, &me).await;
+            } else if !initialized && seeds.iter().all(|s| peers.iter().any(|p| p.addr.cluster_addr == *s)) {
+                let mut everyone: Vec<&Hello> = peers.iter().collect();
+                everyone.push(&me);
+                everyone.sort_by(|a, b| a.addr.name.cmp(&b.addr.name));
+                if everyone[0].node == me.node {
+                    tracing::info!(
+                        members = everyone.len(),
+                        "every seed answered and none is in a cluster: founding one"
+                    );
+                    let members = everyone.iter().map(|h| (h.node, h.addr.clone())).collect();
+                    if let Err(e) = meta.initialize(members).await {
+                        tracing::error!(error = %e, "initializing the metadata group");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn ask_to_join(transport: &Transport, member: &Hello, me: &Hello) {
+    let join = Call::Control(Control::Join { node: me.node, addr: me.addr.clone() });
+    match transport.call(member.node, &join, CONTROL_TIMEOUT).await {
+        Ok(CallReply::Done) => tracing::info!(via = %member.addr, "asked to join the cluster"),
+        Ok(other) => tracing::debug!(via = %member.addr, ?other, "join not accepted yet"),
+        Err(e) => tracing::debug!(via = %member.addr, error = %e, "join request failed"),
+    }
+}

@@ -1,0 +1,195 @@
+//! Which Raft groups this node hosts. The metadata group always; a shard when placement
+//! puts a replica here, until the shard's Raft membership no longer includes this node
+//! (then its data is deleted). Also reports every hosted group's state to the view.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use openraft::type_config::async_runtime::WatchReceiver;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::meta::ClusterState;
+use super::raft_net::PeerRaft;
+use super::view::ClusterView;
+use super::wire::GroupReport;
+use crate::entity::{EntityHost, EntityLimits, NodeRuntime};
+use crate::router::Router;
+use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings, ShardError, ShardHost, ShardParts};
+use crate::store::{Durability, Store, WriteBatch, keys};
+
+/// How often hosted groups are compared with placement even without a change.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+/// What starting a shard host needs.
+pub struct ShardResources {
+    pub me: NodeId,
+    pub store: Store,
+    pub raft: Arc<PeerRaft>,
+    pub settings: RaftSettings,
+    pub snapshot_root: PathBuf,
+    pub cache_entities: usize,
+    pub entity_limits: EntityLimits,
+    pub runtime: NodeRuntime,
+}
+
+pub struct Shards {
+    res: ShardResources,
+    router: Router,
+    view: Arc<ClusterView>,
+    active_entities: Arc<AtomicUsize>,
+    /// Serializes starting and stopping hosts.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Groups found empty (no replica of ours left) at the last look, for a second look.
+    retiring: Mutex<BTreeMap<RaftGroupId, u32>>,
+}
+
+impl Shards {
+    pub fn new(res: ShardResources, router: Router, view: Arc<ClusterView>) -> Arc<Shards> {
+        Arc::new(Shards {
+            res,
+            router,
+            view,
+            active_entities: Arc::new(AtomicUsize::new(0)),
+            lifecycle: tokio::sync::Mutex::new(()),
+            retiring: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.res.me
+    }
+
+    pub fn host(&self, group: RaftGroupId) -> Option<Arc<ShardHost>> {
+        self.router.local(group)
+    }
+
+    /// The host of `group`, started if this node does not host it yet.
+    pub async fn ensure(&self, group: RaftGroupId) -> Result<Arc<ShardHost>, ShardError> {
+        if let Some(h) = self.router.local(group) {
+            return Ok(h);
+        }
+        let _guard = self.lifecycle.lock().await;
+        if let Some(h) = self.router.local(group) {
+            return Ok(h);
+        }
+        let entities =
+            EntityHost::new(group, self.res.runtime.clone(), self.res.entity_limits, self.active_entities.clone())
+                .await
+                .map_err(|e| ShardError::Raft(format!("starting the entity supervisor of {group}: {e}")))?;
+        let host = ShardHost::start(ShardParts {
+            group,
+            node: self.res.me,
+            store: self.res.store.clone(),
+            transport: self.res.raft.clone(),
+            settings: self.res.settings.clone(),
+            snapshot_root: self.res.snapshot_root.clone(),
+            cache_entities: self.res.cache_entities,
+            entities,
+        })
+        .await?;
+        tracing::info!(%group, "hosting");
+        self.router.add_local(host.clone());
+        Ok(host)
+    }
+
+    /// Stops hosting `group` and deletes everything stored for it.
+    async fn retire(&self, group: RaftGroupId) {
+        let _guard = self.lifecycle.lock().await;
+        let Some(host) = self.router.remove_local(group) else { return };
+        tracing::info!(%group, "no longer a replica here: stopping and deleting its data");
+        host.shutdown().await;
+        let mut batch = WriteBatch::new();
+        let (lo, hi) = keys::raft_group(group);
+        batch.delete_range(lo, hi);
+        let (lo, hi) = keys::state_machine(group);
+        batch.delete_range(lo, hi);
+        if let Err(e) = self.res.store.writer().write(batch, Durability::Durable).await {
+            tracing::error!(%group, error = %e, "deleting a retired group's data failed");
+        }
+        let _ = std::fs::remove_dir_all(self.res.snapshot_root.join(group.to_string()));
+        self.view.forget_group(self.res.me, group);
+    }
+
+    /// What this node sees of every group it hosts.
+    pub fn reports(&self) -> Vec<GroupReport> {
+        self.router.local_hosts().iter().map(|h| report(h)).collect()
+    }
+
+    /// Keeps hosted groups in line with placement, and the view fed with local reports.
+    pub async fn run(self: Arc<Self>, mut cluster: watch::Receiver<Arc<ClusterState>>) {
+        loop {
+            let state = cluster.borrow_and_update().clone();
+            self.reconcile(&state).await;
+            self.view.update(self.res.me, self.reports());
+            tokio::select! {
+                _ = cluster.changed() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self, state: &ClusterState) {
+        if !state.is_bootstrapped() {
+            return;
+        }
+        for s in 0..state.shards {
+            let group = RaftGroupId(s);
+            if state.replicas(group).contains(&self.res.me)
+                && let Err(e) = self.ensure(group).await
+            {
+                tracing::error!(%group, error = %e, "cannot host a shard placed here");
+            }
+        }
+        // A group placed elsewhere stays until its membership let this node go (and a
+        // second look agrees), so an in-progress move never loses a replica.
+        for host in self.router.local_hosts() {
+            let group = host.group();
+            if group.is_meta() || state.replicas(group).contains(&self.res.me) {
+                self.retiring.lock().remove(&group);
+                continue;
+            }
+            let r = report(&host);
+            let member = r.voters.contains(&self.res.me) || r.learners.contains(&self.res.me);
+            let led_elsewhere = self.view.group(group).and_then(|g| g.leader).is_some_and(|l| l != self.res.me);
+            if member || !led_elsewhere {
+                self.retiring.lock().remove(&group);
+                continue;
+            }
+            let looks = {
+                let mut retiring = self.retiring.lock();
+                let n = retiring.entry(group).or_insert(0);
+                *n += 1;
+                *n
+            };
+            if looks >= 2 {
+                self.retiring.lock().remove(&group);
+                self.retire(group).await;
+            }
+        }
+    }
+
+    /// Makes `group` a Raft group of `members` if it never was one (on the first member).
+    pub async fn init(&self, group: RaftGroupId, members: Vec<(NodeId, NodeAddr)>) -> Result<(), ShardError> {
+        let host = self.ensure(group).await?;
+        host.initialize(members.into_iter().collect()).await
+    }
+}
+
+/// A hosted group's state from its Raft metrics.
+pub fn report(host: &ShardHost) -> GroupReport {
+    let m = host.raft().metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    GroupReport {
+        group: host.group(),
+        term: m.current_term,
+        leader: m.current_leader,
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        last_applied: m.last_applied.map_or(0, |l| l.index),
+        last_log: m.last_log_index.unwrap_or(0),
+    }
+}
