@@ -314,7 +314,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Text,
-            log_level: "info".into(),
+            log_level: "info,openraft=error,ractor=warn,ractor_cluster=warn".into(),
             otlp_endpoint: None,
             otlp_protocol: OtlpProtocol::Grpc,
             service_name: "convoy".into(),

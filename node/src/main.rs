@@ -4,7 +4,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use convoy_config::Config;
-use convoy_node::cli::{Cli, Command, TokenArgs};
+use convoy_node::admin::ClusterStatus;
+use convoy_node::cli::{AdminArgs, Cli, ClusterCommand, Command, TokenArgs};
 use convoy_node::gateway::auth::TokenKeys;
 use convoy_node::node::{self, SecretPolicy};
 
@@ -57,13 +58,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(args) => token(args),
+        Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,
     }
 }
 
-fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let mut cfg = Config::load(args.config.as_deref()).context("loading configuration")?;
-    if args.config.is_none() {
-        cfg.node.data_dir = args.data_dir.clone();
+/// Token keys from the client secret: the environment, a config file, or a dev data dir.
+fn secret_keys(config: Option<&std::path::Path>, data_dir: &std::path::Path) -> anyhow::Result<(TokenKeys, Config)> {
+    let mut cfg = Config::load(config).context("loading configuration")?;
+    if config.is_none() {
+        cfg.node.data_dir = data_dir.to_path_buf();
     }
     let secret = node::client_secret(&cfg, SecretPolicy::Required).with_context(|| {
         format!(
@@ -71,7 +74,77 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
             node::secret_file(&cfg.node.data_dir).display()
         )
     })?;
-    let keys = TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl);
+    Ok((TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl), cfg))
+}
+
+async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
+    let token = match args.token {
+        Some(t) => t,
+        None => {
+            let (keys, _) = secret_keys(args.config.as_deref(), &args.data_dir)?;
+            keys.mint("convoy-cli", &["admin".into()], &[], None, Duration::from_secs(60))
+        }
+    };
+    let url = format!("{}/v1/cluster", args.admin.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}: is a node's admin listener there?"))?;
+    let status = resp.status();
+    let body = resp.text().await.context("reading the answer")?;
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}: {body}");
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let s: ClusterStatus =
+        serde_json::from_str(&body).with_context(|| format!("{url} answered something else: {body}"))?;
+    println!(
+        "cluster {} as seen by {}: {} shards, replication factor {}",
+        s.cluster_id, s.node, s.shards, s.replication_factor
+    );
+    let mut nodes = comfy_table::Table::new();
+    nodes.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    nodes.set_header(["node", "state", "status", "cluster address", "client URL", "leads", "holds", "lag"]);
+    for m in &s.members {
+        let state = if m.up { "up" } else { "DOWN" };
+        nodes.add_row([
+            m.name.clone(),
+            state.into(),
+            m.status.clone(),
+            m.cluster_addr.clone(),
+            m.client_url.clone(),
+            m.leads.to_string(),
+            m.holds.to_string(),
+            m.lag.to_string(),
+        ]);
+    }
+    println!("{nodes}");
+    let mut groups = comfy_table::Table::new();
+    groups.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    groups.set_header(["group", "leader", "term", "voters", "learners", "placed on", "applied"]);
+    for g in &s.groups {
+        groups.add_row([
+            g.group.clone(),
+            g.leader.clone().unwrap_or_else(|| "NONE".into()),
+            g.term.to_string(),
+            g.voters.join(" "),
+            g.learners.join(" "),
+            g.placed.join(" "),
+            g.applied.to_string(),
+        ]);
+    }
+    println!("{groups}");
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let (keys, cfg) = secret_keys(args.config.as_deref(), &args.data_dir)?;
     if args.ttl > cfg.auth.max_token_ttl {
         anyhow::bail!(
             "--ttl {} exceeds auth.max_token_ttl ({})",

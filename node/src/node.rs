@@ -245,6 +245,12 @@ pub async fn run(
         phase: phase_rx.clone(),
         metrics,
         router: router.clone(),
+        keys: keys.clone(),
+        cluster: admin::ClusterHandles {
+            transport: transport.clone(),
+            view: view.clone(),
+            state: cluster_state.clone(),
+        },
         chaos: cfg.chaos.enabled,
     });
     let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));

@@ -18,29 +18,31 @@ pub struct Response {
 
 /// GETs `url` (`http://HOST:PORT/path`). Errors are strings fit for an assertion message.
 pub async fn get(url: &str) -> Result<Response, String> {
-    request("GET", url).await
+    request_with_token("GET", url, None).await
 }
 
 /// POSTs an empty body to `url`.
 pub async fn post(url: &str) -> Result<Response, String> {
-    request("POST", url).await
+    request_with_token("POST", url, None).await
 }
 
-async fn request(method: &str, url: &str) -> Result<Response, String> {
-    tokio::time::timeout(Duration::from_secs(10), request_inner(method, url))
+/// A request with an optional `Authorization: Bearer` token.
+pub async fn request_with_token(method: &str, url: &str, token: Option<&str>) -> Result<Response, String> {
+    tokio::time::timeout(Duration::from_secs(10), request_inner(method, url, token))
         .await
         .map_err(|_| format!("{method} {url}: timed out"))?
 }
 
-async fn request_inner(method: &str, url: &str) -> Result<Response, String> {
+async fn request_inner(method: &str, url: &str, token: Option<&str>) -> Result<Response, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| format!("not an http:// URL: {url}"))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let mut stream = TcpStream::connect(host).await.map_err(|e| format!("{method} {url}: connect: {e}"))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("{method} {url}: write: {e}"))?;
     let mut raw = Vec::new();

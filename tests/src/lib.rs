@@ -13,6 +13,7 @@
 //! Tests run in parallel threads: every node gets its own ports and data directory, and ids made
 //! with [`unique`] keep cases that share a node apart.
 
+pub mod cluster;
 pub mod http;
 pub mod node;
 
@@ -20,9 +21,10 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use cluster::Cluster;
 pub use convoy_chaos::client::{Client, ClientError, ClientOptions, GroupOpen, Member, SyncPage};
 pub use convoy_chaos::token::{Claims, mint, unix_now_secs};
-pub use node::{Node, NodeOptions};
+pub use node::{Node, NodeOptions, Ports};
 
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{Value, json};
@@ -34,6 +36,29 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// A token for `user` with `roles`, signed with the node's secret, valid for [`TOKEN_TTL`].
 pub fn token(node: &Node, user: &str, roles: &[&str]) -> String {
     mint(node.secret().as_bytes(), &Claims::new(user, roles.iter().copied(), TOKEN_TTL))
+}
+
+/// An admin token for the node's admin API (`Authorization: Bearer`).
+pub fn admin_token(node: &Node) -> String {
+    token(node, "test-admin", &["admin"])
+}
+
+/// `GET` an admin API path (`/v1/...`) of `node` with an admin token; the JSON body, or the
+/// status and body as an error.
+pub async fn admin_get(node: &Node, path: &str) -> Result<Value, String> {
+    let resp =
+        http::request_with_token("GET", &format!("{}{path}", node.admin_url()), Some(&admin_token(node))).await?;
+    if resp.status != 200 {
+        return Err(format!("GET {path}: {} {}", resp.status, resp.body));
+    }
+    serde_json::from_str(&resp.body).map_err(|e| format!("GET {path}: not JSON ({e}): {}", resp.body))
+}
+
+/// `POST` an admin API path of `node` with an admin token.
+pub async fn admin_post(node: &Node, path: &str) -> http::Response {
+    http::request_with_token("POST", &format!("{}{path}", node.admin_url()), Some(&admin_token(node)))
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
 
 /// Connects to `node` as `user` with `roles` from device `"test"` and says hello. Panics on failure.

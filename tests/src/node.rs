@@ -114,7 +114,23 @@ pub struct Node {
     id: String,
     client_url: String,
     admin_url: String,
+    cluster_addr: String,
     child: Option<Child>,
+}
+
+/// The three listeners of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub client: u16,
+    pub admin: u16,
+    pub cluster: u16,
+}
+
+impl Ports {
+    /// Ports no other node of this process has.
+    pub fn free() -> Ports {
+        Ports { client: free_port(), admin: free_port(), cluster: free_port() }
+    }
 }
 
 impl Node {
@@ -124,12 +140,20 @@ impl Node {
     /// This blocks the calling thread until the node is ready (milliseconds, usually); async tests
     /// use the multi-threaded runtime so that their clients keep running meanwhile.
     pub fn start(opts: NodeOptions) -> Node {
+        let secret = Alphanumeric.sample_string(&mut rand::rng(), 48);
+        let mut node = Node::configure(opts, Ports::free(), secret);
+        node.spawn();
+        node
+    }
+
+    /// Writes the configuration of a node without starting it: [`Node::spawn`] does (and
+    /// waits for its ready line). Cluster members share `secret` and list each other as seeds.
+    pub fn configure(opts: NodeOptions, ports: Ports, secret: String) -> Node {
         let dir = tempfile::Builder::new().prefix("convoy-test-").tempdir().expect("creating a temp dir");
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("convoy.toml");
         let log_path = dir.path().join("convoy.log");
-        let secret = Alphanumeric.sample_string(&mut rand::rng(), 48);
-        let (client, admin, cluster) = (free_port(), free_port(), free_port());
+        let Ports { client, admin, cluster } = ports;
 
         let mut config = toml::Table::new();
         set_key(&mut config, "node.id", opts.id.clone().into());
@@ -148,7 +172,7 @@ impl Node {
         let text = toml::to_string_pretty(&config).expect("a TOML table serializes");
         std::fs::write(&config_path, text).expect("writing the node configuration");
 
-        let mut node = Node {
+        Node {
             dir: Some(dir),
             config_path,
             log_path,
@@ -157,10 +181,9 @@ impl Node {
             id: opts.id,
             client_url: format!("ws://127.0.0.1:{client}/v1/ws"),
             admin_url: format!("http://127.0.0.1:{admin}"),
+            cluster_addr: format!("127.0.0.1:{cluster}"),
             child: None,
-        };
-        node.spawn();
-        node
+        }
     }
 
     /// Starts the node again on the same data directory, configuration and ports, and waits for it
@@ -176,7 +199,8 @@ impl Node {
         self.spawn();
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process and waits for its ready line.
+    pub fn spawn(&mut self) {
         let log = OpenOptions::new().create(true).append(true).open(&self.log_path).expect("opening the node log");
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut child = Command::new(convoy_bin())
@@ -255,6 +279,28 @@ impl Node {
     /// `http://127.0.0.1:PORT`.
     pub fn admin_url(&self) -> &str {
         &self.admin_url
+    }
+
+    /// `127.0.0.1:PORT` of the node-to-node listener.
+    pub fn cluster_addr(&self) -> &str {
+        &self.cluster_addr
+    }
+
+    /// Stops the process with SIGSTOP: alive, silent.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a paused process with SIGCONT.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pids fit in pid_t");
+        // SAFETY: signals our own child, which is still running (the caller knows).
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed: {}", std::io::Error::last_os_error());
     }
 
     /// The client token secret (`auth.secret`).

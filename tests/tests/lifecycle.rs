@@ -138,8 +138,7 @@ async fn a_failed_entity_actor_restarts_from_stored_state() {
     for i in 0..3 {
         client.msg_send(&g, &format!("m{i}"), text("before"), false).await.unwrap();
     }
-    let crash = format!("{}/v1/chaos/entities/group/{g}/crash", node.admin_url());
-    let reply = http::post(&crash).await.unwrap();
+    let reply = admin_post(&node, &format!("/v1/chaos/entities/group/{g}/crash")).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert!(reply.body.contains(r#""crashed":true"#), "the group's actor was active: {reply:?}");
     assert!(
@@ -154,17 +153,21 @@ async fn a_failed_entity_actor_restarts_from_stored_state() {
     let all = sync_all(&client, &g, 0, 100).await;
     assert_eq!(all.iter().map(seq_of).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     // Crashing an entity that is not active does nothing, and unknown kinds are refused.
-    let idle =
-        http::post(&format!("{}/v1/chaos/entities/group/{}/crash", node.admin_url(), unique("nobody"))).await.unwrap();
+    let idle = admin_post(&node, &format!("/v1/chaos/entities/group/{}/crash", unique("nobody"))).await;
     assert!(idle.body.contains(r#""crashed":false"#), "{idle:?}");
-    let bad = http::post(&format!("{}/v1/chaos/entities/planet/x/crash", node.admin_url())).await.unwrap();
+    let bad = admin_post(&node, "/v1/chaos/entities/planet/x/crash").await;
     assert_eq!(bad.status, 404, "{bad:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_is_refused_unless_enabled() {
     let node = Node::start(NodeOptions::new());
-    let reply = http::post(&format!("{}/v1/chaos/entities/group/g1/crash", node.admin_url())).await.unwrap();
+    let reply = admin_post(&node, "/v1/chaos/entities/group/g1/crash").await;
     assert_eq!(reply.status, 403, "{reply:?}");
     assert!(reply.body.contains("chaos.enabled"), "the refusal says how to enable it: {reply:?}");
+    let anonymous = http::post(&format!("{}/v1/chaos/entities/group/g1/crash", node.admin_url())).await.unwrap();
+    assert_eq!(anonymous.status, 401, "the admin API needs a token: {anonymous:?}");
+    let url = format!("{}/v1/cluster", node.admin_url());
+    let driver = http::request_with_token("GET", &url, Some(&token(&node, "d", &["driver"]))).await.unwrap();
+    assert_eq!(driver.status, 403, "a token without the admin role is refused: {driver:?}");
 }

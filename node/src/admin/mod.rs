@@ -1,17 +1,32 @@
-//! Admin HTTP: health, readiness and Prometheus metrics.
+//! Admin HTTP: health, readiness and Prometheus metrics (open), and the `/v1` API for
+//! operators (cluster status, entity lookup, replica reads, fault injection), which needs
+//! `Authorization: Bearer <token>` with a token whose roles include `admin`.
+
+mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use convoy_actors::domain::LogReader;
+use convoy_actors::event::WireEntries;
+use convoy_actors::principal::Role;
 use convoy_actors::{EntityKey, EntityKind};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
 use serde_json::json;
+pub use status::{ClusterStatus, GroupRow, MemberRow};
 use tokio::sync::watch;
+
+use crate::cluster::meta::ClusterState;
+use crate::cluster::transport::Transport;
+use crate::cluster::view::ClusterView;
+use crate::gateway::auth::TokenKeys;
+use crate::shard::Leadership;
 
 /// Where the node is in its life, as `/readyz` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +36,21 @@ pub enum Phase {
     Draining,
 }
 
+/// What the cluster endpoints read.
+#[derive(Clone)]
+pub struct ClusterHandles {
+    pub transport: Arc<Transport>,
+    pub view: Arc<ClusterView>,
+    pub state: watch::Receiver<Arc<ClusterState>>,
+}
+
 #[derive(Clone)]
 pub struct AdminState {
     pub phase: watch::Receiver<Phase>,
     pub metrics: Option<PrometheusHandle>,
     pub router: crate::router::Router,
+    pub keys: Arc<TokenKeys>,
+    pub cluster: ClusterHandles,
     /// Fault injection endpoints answer only when `chaos.enabled`.
     pub chaos: bool,
 }
@@ -36,31 +61,29 @@ fn refuse(status: StatusCode, message: String) -> JsonReply {
     (status, axum::Json(json!({ "error": message })))
 }
 
+/// The `/v1` API is for admins: a bearer token whose roles include `admin`.
+fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), JsonReply> {
+    let unauthorized = |m: &str| refuse(StatusCode::UNAUTHORIZED, m.to_string());
+    let header = headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
+        unauthorized("send Authorization: Bearer <token>; mint one with: convoy token --user ops --role admin")
+    })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("the Authorization header must be Bearer <token>"))?;
+    let verified = s.keys.verify(token).map_err(|r| unauthorized(&r.message))?;
+    if !verified.principal.has(Role::Admin) {
+        return Err(refuse(StatusCode::FORBIDDEN, "the token's roles must include admin".into()));
+    }
+    Ok(())
+}
+
 fn entity_key(kind: &str, id: &str) -> Result<EntityKey, JsonReply> {
     let kind = EntityKind::parse(kind).ok_or_else(|| {
         refuse(StatusCode::NOT_FOUND, format!("unknown entity kind {kind:?}: use group, user, ticket or skill_queue"))
     })?;
     EntityKey::parse(kind, id).map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))
-}
-
-/// `POST /v1/chaos/entities/{kind}/{id}/crash`: the entity's actor fails on purpose.
-async fn crash_entity(State(s): State<Arc<AdminState>>, Path((kind, id)): Path<(String, String)>) -> JsonReply {
-    if !s.chaos {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "fault injection is disabled on this node: set chaos.enabled = true".into(),
-        );
-    }
-    let key = match entity_key(&kind, &id) {
-        Ok(k) => k,
-        Err(reply) => return reply,
-    };
-    let group = s.router.shard_of(&key);
-    let Some(host) = s.router.local(group) else {
-        return refuse(StatusCode::CONFLICT, format!("{key} lives in {group}, which this node does not hold"));
-    };
-    let crashed = host.entities().crash(&key);
-    (StatusCode::OK, axum::Json(json!({ "entity": key.to_string(), "shard": group.to_string(), "crashed": crashed })))
 }
 
 async fn healthz() -> &'static str {
@@ -70,7 +93,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     match *s.phase.borrow() {
         Phase::Ready => (StatusCode::OK, "ready\n"),
-        Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for shard leaders\n"),
+        Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for the cluster and shard leaders\n"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n"),
     }
 }
@@ -82,11 +105,107 @@ async fn prometheus(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
+/// `GET /v1/cluster`: members, groups, leaders, replication lag.
+async fn cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Result<axum::Json<ClusterStatus>, JsonReply> {
+    authorize(&s, &headers)?;
+    Ok(axum::Json(status::collect(&s.cluster, &s.router)))
+}
+
+/// `GET /v1/entities/{kind}/{id}`: where an entity lives and, if this node holds a replica,
+/// its state there.
+async fn entity(
+    State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, JsonReply> {
+    authorize(&s, &headers)?;
+    let key = entity_key(&kind, &id)?;
+    let group = s.router.shard_of(&key);
+    let state = s.cluster.state.borrow().clone();
+    let name = |n: u64| state.name_of(n).map_or_else(|| format!("{n:x}"), str::to_string);
+    let local = s.router.local(group);
+    let (replica_state, active) = match &local {
+        Some(host) => {
+            let st = host.data().state(&key).map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            let active = matches!(host.leadership(), Leadership::Leading { .. }) && host.entities().is_active(&key);
+            (st.map(|s| serde_json::to_value(&*s).unwrap_or(serde_json::Value::Null)), Some(active))
+        }
+        None => (None, None),
+    };
+    Ok(axum::Json(json!({
+        "entity": key.to_string(),
+        "shard": group.to_string(),
+        "leader": s.router.leader_of(group).map(name),
+        "replicas": state.replicas(group).into_iter().map(name).collect::<Vec<_>>(),
+        "held_here": local.is_some(),
+        "active_here": active,
+        "state_here": replica_state,
+    })))
+}
+
+#[derive(Deserialize)]
+struct EntriesQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/replicas/{kind}/{id}/entries?after=&limit=`: the entries this node's replica
+/// holds, read locally without any Raft round: what a checker compares across replicas.
+async fn replica_entries(
+    State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<EntriesQuery>,
+) -> Result<axum::Json<serde_json::Value>, JsonReply> {
+    authorize(&s, &headers)?;
+    let key = entity_key(&kind, &id)?;
+    let group = s.router.shard_of(&key);
+    let Some(host) = s.router.local(group) else {
+        return Err(refuse(StatusCode::NOT_FOUND, format!("{key} lives in {group}, which this node does not hold")));
+    };
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let entries =
+        host.data().read_entries(&key, q.after, limit).map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.0))?;
+    let applied = crate::cluster::shards::report(&host).last_applied;
+    Ok(axum::Json(json!({
+        "entity": key.to_string(),
+        "shard": group.to_string(),
+        "applied_index": applied,
+        "entries": serde_json::to_value(WireEntries(&entries)).unwrap_or_default(),
+    })))
+}
+
+/// `POST /v1/chaos/entities/{kind}/{id}/crash`: the entity's actor fails on purpose.
+async fn crash_entity(
+    State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, JsonReply> {
+    authorize(&s, &headers)?;
+    if !s.chaos {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "fault injection is disabled on this node: set chaos.enabled = true".into(),
+        ));
+    }
+    let key = entity_key(&kind, &id)?;
+    let group = s.router.shard_of(&key);
+    let Some(host) = s.router.local(group) else {
+        return Err(refuse(StatusCode::CONFLICT, format!("{key} lives in {group}, which this node does not hold")));
+    };
+    let crashed = host.entities().crash(&key);
+    Ok(axum::Json(json!({ "entity": key.to_string(), "shard": group.to_string(), "crashed": crashed })))
+}
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/entities/{kind}/{id}", get(entity))
+        .route("/v1/replicas/{kind}/{id}/entries", get(replica_entries))
         .route("/v1/chaos/entities/{kind}/{id}/crash", post(crash_entity))
         .with_state(Arc::new(state))
 }

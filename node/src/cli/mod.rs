@@ -34,6 +34,40 @@ pub enum Command {
     Start(StartArgs),
     /// Mint a client token (HS256 JWT) signed with the node's client secret.
     Token(TokenArgs),
+    /// Look at and operate a cluster through a node's admin API.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the cluster as tables: nodes (up or down, address, shards led and held, lag) and
+    /// every shard's leader and replicas.
+    #[command(
+        after_help = "Example:\n  convoy cluster status --admin http://127.0.0.1:7601 \\\n      --config cluster-config/examples/local-3/n1.toml\n"
+    )]
+    Status(AdminArgs),
+}
+
+/// How to reach a node's admin API and prove to it you are an admin.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The node's admin URL (any node of the cluster).
+    #[arg(long, default_value = "http://127.0.0.1:7601")]
+    pub admin: String,
+    /// An admin token; without one, a short-lived token is minted from the client secret
+    /// (CONVOY_AUTH_SECRET, auth.secret of --config, or the secret in --data-dir).
+    #[arg(long, env = "CONVOY_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Configuration file whose auth.secret mints the token.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Data directory of a `convoy dev` node whose generated secret mints the token.
+    #[arg(long, default_value = "./convoy-data")]
+    pub data_dir: PathBuf,
+    /// Print the raw JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

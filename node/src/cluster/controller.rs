@@ -164,13 +164,21 @@ impl Controller {
         Ok(())
     }
 
+    fn reachable(&self, node: NodeId) -> bool {
+        node == self.transport.me() || self.transport.is_up(node)
+    }
+
     /// Moves one leadership per round from the busiest node to the idlest, when they
-    /// differ by two or more.
+    /// differ by two or more. Not while a member is unreachable: leadership handed to a
+    /// node that cannot take it only causes an election.
     async fn balance_leaders(
         &self,
         state: &ClusterState,
         led: BTreeMap<NodeId, Vec<RaftGroupId>>,
     ) -> Result<(), String> {
+        if !state.members.keys().all(|n| self.reachable(*n)) {
+            return Ok(());
+        }
         let Some((&busiest, groups)) = led.iter().max_by_key(|(_, g)| g.len()) else { return Ok(()) };
         let Some((&idlest, few)) = led
             .iter()

@@ -45,17 +45,20 @@ impl Inbound for Arc<NodeInbound> {
                     Ok(()) => CallReply::Done,
                     Err(e) => CallReply::Failed(e),
                 },
+                Call::Presence(update) => {
+                    this.presence.apply(from, update);
+                    CallReply::Done
+                }
             }
         }
         .boxed()
     }
 
-    fn cast(&self, from: NodeId, cast: Cast) {
+    fn cast(&self, _from: NodeId, cast: Cast) {
         match cast {
             Cast::Push { users, frame } => {
                 self.hub.deliver(&users, &Utf8Bytes::from(frame));
             }
-            Cast::Presence(update) => self.presence.apply(from, update),
         }
     }
 }

@@ -15,13 +15,15 @@ use parking_lot::RwLock;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::transport::{PeerEvent, Transport};
-use super::wire::{Cast, PresenceUpdate};
+use super::wire::{Call, Cast, PresenceUpdate};
 use crate::entity::Pusher;
 use crate::gateway::hub::Hub;
 use crate::shard::NodeId;
 
 /// Presence changes are sent at most this often (they batch in between).
-const BATCH: Duration = Duration::from_millis(10);
+const BATCH: Duration = Duration::from_millis(5);
+/// How long a peer may take to apply presence changes.
+pub const ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct Presence {
     transport: Arc<Transport>,
@@ -64,8 +66,9 @@ impl Presence {
             tokio::select! {
                 event = peers.recv() => match event {
                     Ok(PeerEvent::Up(hello)) => {
-                        let full = Cast::Presence(PresenceUpdate::Full(self.hub.users()));
-                        let _ = self.transport.cast(hello.node, &full);
+                        let full = PresenceUpdate::Full(self.hub.users());
+                        let transport = self.transport.clone();
+                        tokio::spawn(async move { let _ = transport.call(hello.node, &Call::Presence(full), ANNOUNCE_TIMEOUT).await; });
                     }
                     Ok(PeerEvent::Down(node)) => self.forget(node),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -74,6 +77,7 @@ impl Presence {
                 _ = self.hub.changed() => {
                     tokio::time::sleep(BATCH).await;
                     let changes = self.hub.take_changes();
+                    let through = changes.through;
                     let update = if changes.overflowed {
                         PresenceUpdate::Full(self.hub.users())
                     } else {
@@ -85,10 +89,12 @@ impl Presence {
                         }
                         PresenceUpdate::Delta { connected, disconnected }
                     };
-                    let cast = Cast::Presence(update);
-                    for peer in self.transport.peers() {
-                        let _ = self.transport.cast(peer.node, &cast);
-                    }
+                    // Every reachable peer applies it before the connections that caused it
+                    // finish their hello: from then on, pushes from anywhere find them.
+                    let call = Call::Presence(update);
+                    let sends = self.transport.peers().into_iter().map(|p| self.transport.call(p.node, &call, ANNOUNCE_TIMEOUT));
+                    futures::future::join_all(sends).await;
+                    self.hub.announced(through);
                 }
             }
         }

@@ -65,6 +65,8 @@ pub enum Call {
     /// A client request for an entity whose shard this node leads.
     Route(Routed),
     Control(Control),
+    /// Which users are connected to the sender; answered once applied.
+    Presence(PresenceUpdate),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -131,8 +133,6 @@ pub enum CallReply {
 pub enum Cast {
     /// Deliver `frame` to every local connection of `users`.
     Push { users: Vec<UserId>, frame: String },
-    /// Which users are connected to the sender.
-    Presence(PresenceUpdate),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

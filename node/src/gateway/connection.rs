@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error
 
 use super::hub::Registration;
 use super::{Gateway, frame};
+use crate::cluster::presence::ANNOUNCE_TIMEOUT;
 
 /// Close codes of protocol v1 (and Convoy's additions, documented in docs/protocol.md).
 pub mod close {
@@ -45,7 +46,7 @@ const WRITE_BATCH: usize = 64;
 struct Session {
     principal: Principal,
     expires_at: Instant,
-    _registration: Registration,
+    registration: Registration,
 }
 
 #[derive(Serialize)]
@@ -202,7 +203,14 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                 match req.op.as_str() {
                     "hello" => {
                         let text = match hello(&gw, &req, &mut session, &frames_tx, &overflow) {
-                            Ok(t) => t,
+                            Ok(t) => {
+                                // Answer once peers know this user is here, so pushes for
+                                // everything committed after the reply find this connection.
+                                if let Some(number) = session.as_ref().and_then(|s| s.registration.announces) {
+                                    gw.hub.wait_announced(number, ANNOUNCE_TIMEOUT).await;
+                                }
+                                t
+                            }
                             Err(r) => frame::error(Some(&req.id), &r, None),
                         };
                         if !send!(text) { break; }
@@ -326,8 +334,7 @@ fn hello(
         s.principal = principal;
     } else {
         let registration = gw.hub.register(principal.user.clone(), frames_tx.clone(), overflow.clone());
-        *session =
-            Some(Session { principal, expires_at: unix_to_instant(verified.expires_at), _registration: registration });
+        *session = Some(Session { principal, expires_at: unix_to_instant(verified.expires_at), registration });
     }
     let p = &session.as_ref().expect("set above").principal;
     Ok(frame::ok(&req.id, &HelloReply { user: p.user.as_str(), roles: &p.roles, node: &gw.node_name }))

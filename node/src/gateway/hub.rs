@@ -26,17 +26,34 @@ pub struct PresenceChanges {
     pub changes: Vec<(UserId, bool)>,
     /// Too many changes piled up: send the full list instead.
     pub overflowed: bool,
+    /// Number of the last change taken.
+    pub through: u64,
 }
 
 /// Changes kept before the presence directory must resync from the full list.
 const MAX_PENDING_CHANGES: usize = 65_536;
 
-#[derive(Default)]
 pub struct Hub {
     users: RwLock<HashMap<UserId, Vec<ConnSink>>>,
     next_id: AtomicU64,
     changes: Mutex<PresenceChanges>,
     changed: Notify,
+    /// Changes are numbered; this is the highest number every reachable peer has applied.
+    announced: tokio::sync::watch::Sender<u64>,
+    noted: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            users: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            changes: Mutex::default(),
+            changed: Notify::new(),
+            announced: tokio::sync::watch::channel(0).0,
+            noted: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Unregisters a connection when dropped.
@@ -44,6 +61,8 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: UserId,
     id: u64,
+    /// The presence change this connection caused, if it was the user's first here.
+    pub announces: Option<u64>,
 }
 
 impl Drop for Registration {
@@ -62,12 +81,10 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut users = self.users.write();
         let conns = users.entry(user.clone()).or_default();
-        if conns.is_empty() {
-            self.note(&user, true);
-        }
+        let announces = conns.is_empty().then(|| self.note(&user, true));
         conns.push(ConnSink { id, frames, overflow });
         metrics::gauge!("convoy_users_connected").set(users.len() as f64);
-        Registration { hub: self.clone(), user, id }
+        Registration { hub: self.clone(), user, id, announces }
     }
 
     fn unregister(&self, user: &UserId, id: u64) {
@@ -82,8 +99,10 @@ impl Hub {
         metrics::gauge!("convoy_users_connected").set(users.len() as f64);
     }
 
-    fn note(&self, user: &UserId, online: bool) {
+    fn note(&self, user: &UserId, online: bool) -> u64 {
         let mut c = self.changes.lock();
+        let number = self.noted.fetch_add(1, Ordering::SeqCst) + 1;
+        c.through = number;
         if c.changes.len() >= MAX_PENDING_CHANGES {
             c.overflowed = true;
             c.changes.clear();
@@ -93,6 +112,25 @@ impl Hub {
         }
         drop(c);
         self.changed.notify_one();
+        number
+    }
+
+    /// Every reachable peer applied the presence changes through `number`.
+    pub fn announced(&self, number: u64) {
+        self.announced.send_if_modified(|a| {
+            let newer = number > *a;
+            if newer {
+                *a = number;
+            }
+            newer
+        });
+    }
+
+    /// Waits (at most `timeout`) until presence change `number` reached every reachable peer:
+    /// from then on, pushes from any node find this connection.
+    pub async fn wait_announced(&self, number: u64, timeout: std::time::Duration) {
+        let mut rx = self.announced.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= number)).await;
     }
 
     /// Takes the presence changes since the last call.

@@ -1,0 +1,79 @@
+//! A three-node cluster: any client on any node reaches any entity, reads are
+//! linearizable across nodes, pushes reach every device wherever it is connected, and every
+//! replica holds the same log.
+
+use std::time::Duration;
+
+use convoy_tests::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_any_node_share_one_system() {
+    let cluster = Cluster::start(3, NodeOptions::new());
+    let g = unique("exc");
+    let (disp, drv, cust) = (unique("disp"), unique("drv"), unique("cust"));
+    let on_n1 = connect(cluster.node(0), &disp, &["dispatcher"]).await;
+    let on_n2 = connect(cluster.node(1), &drv, &["driver"]).await;
+    let cust_n3 = connect_device(cluster.node(2), &cust, &["customer"], "phone").await;
+    let cust_n1 = connect_device(cluster.node(0), &cust, &["customer"], "web").await;
+    let mut drv_events = on_n2.events().unwrap();
+    let mut phone_events = cust_n3.events().unwrap();
+    let mut web_events = cust_n1.events().unwrap();
+
+    on_n1
+        .request(
+            "group.open",
+            json!({"group": g, "kind": "exception", "exception_type": "damage",
+                   "members": [{"user": drv, "role": "driver"}, {"user": cust, "role": "customer"}]}),
+        )
+        .await
+        .expect("open through n1");
+
+    // Every ack is visible to a sync on another node right away (linearizable reads).
+    for i in 0..20 {
+        let sent = on_n2.msg_send(&g, &format!("m{i}"), text(&format!("t{i}")), false).await.expect("send via n2");
+        let page = cust_n3.msg_sync(&g, sent.seq - 1, 10).await.expect("sync via n3");
+        assert_eq!(page.last_seq, sent.seq, "an ack of seq {} then a sync on another node", sent.seq);
+        assert_eq!(seq_of(&page.messages[0]), sent.seq);
+    }
+
+    // Pushes reach each device, wherever it is connected, in seq order.
+    for (name, events) in
+        [("driver on n2", &mut drv_events), ("phone on n3", &mut phone_events), ("web on n1", &mut web_events)]
+    {
+        let mut seqs = Vec::new();
+        while seqs.len() < 21 {
+            let ev = next_event(events, Duration::from_secs(5), |ev| ev["ev"] == "msg" && ev["group"] == g.as_str())
+                .await
+                .unwrap_or_else(|| panic!("{name}: only {} of 21 msg events: {seqs:?}", seqs.len()));
+            seqs.push(seq_of(&ev));
+        }
+        assert_eq!(seqs, (1..=21).collect::<Vec<_>>(), "{name} got pushes out of order");
+    }
+
+    // A read on one device shows on the other device (another node) and in group.info.
+    cust_n3.msg_read(&g, 21).await.unwrap();
+    let receipt = next_event(&mut web_events, Duration::from_secs(5), |ev| ev["ev"] == "receipt")
+        .await
+        .expect("receipt on the web device");
+    assert_eq!((receipt["user"].as_str(), receipt["read_seq"].as_u64()), (Some(cust.as_str()), Some(21)));
+
+    // Every replica (read locally, no Raft round) holds the same 21 entries.
+    let wanted = wait_until(Duration::from_secs(5), || async {
+        let mut logs = Vec::new();
+        for i in 0..3 {
+            logs.push(cluster.replica_entries(i, "group", &g).await.unwrap_or_default());
+        }
+        logs.iter().all(|l| l.len() == 21) && logs.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
+    assert!(wanted, "the three replicas of {g} did not converge to the same 21 entries");
+
+    let status = cluster.status(1).await;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "{status}");
+    assert!(status["members"].as_array().unwrap().iter().all(|m| m["up"] == true), "{status}");
+    assert!(
+        status["groups"].as_array().unwrap().iter().all(|g| g["leader"].is_string()),
+        "every group has a leader: {status}"
+    );
+}
