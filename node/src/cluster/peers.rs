@@ -41,7 +41,14 @@ struct Slot {
     backoff: Duration,
     next_attempt: Instant,
     dialing: bool,
+    /// Since when this address has had no session.
+    unconnected_since: Instant,
 }
+
+/// Two nodes that dial each other at once end with one session killed by ractor's session
+/// election; so the node with the greater address dials, and the other waits this long for
+/// it before dialing too (the other may not list it as a seed).
+const DIAL_FALLBACK: Duration = Duration::from_secs(3);
 
 enum Internal {
     Dialed { addr: String, ok: bool },
@@ -81,7 +88,19 @@ pub fn spawn(
                         });
                     }
                     Some(SessionEvent::Disconnected(s)) => {
-                        pending.remove(&s.actor.get_id());
+                        let peer = s.peer_name.as_ref().and_then(|n| super::transport::node_of(&n.name));
+                        let duplicate = peer.is_some_and(|n| transport.is_up(n));
+                        if pending.remove(&s.actor.get_id()).is_some() && !duplicate {
+                            // Closed before it was greeted, and not a second session to a
+                            // peer we already have: most often a cookie mismatch.
+                            metrics::counter!("convoy_peer_handshakes_refused_total").increment(1);
+                            tracing::warn!(
+                                peer = %s.peer_addr,
+                                name = ?s.peer_name.as_ref().map(|n| n.name.clone()),
+                                "a node-to-node session closed during its handshake: the peer refused us or we refused it; \
+                                 check that every node has the same cluster.cookie (and TLS settings)"
+                            );
+                        }
                         transport.session_closed(&s);
                     }
                 },
@@ -102,6 +121,7 @@ pub fn spawn(
                             for hello in transport.peers() {
                                 if let Some(slot) = slots.get_mut(&hello.addr.cluster_addr) {
                                     slot.backoff = BACKOFF_MIN;
+                                    slot.unconnected_since = Instant::now();
                                 }
                             }
                         }
@@ -119,11 +139,18 @@ pub fn spawn(
                     // Dial what is not connected.
                     let connected: Vec<String> = transport.peers().into_iter().map(|h| h.addr.cluster_addr).collect();
                     for addr in addrs.borrow().iter() {
-                        if *addr == my_addr || connected.contains(addr) {
+                        if *addr == my_addr {
+                            continue;
+                        }
+                        if connected.contains(addr) {
+                            if let Some(slot) = slots.get_mut(addr) {
+                                slot.unconnected_since = Instant::now();
+                            }
                             continue;
                         }
                         let slot = slots.entry(addr.clone()).or_insert_with(new_slot);
-                        if slot.dialing || Instant::now() < slot.next_attempt {
+                        let my_turn = my_addr.as_str() > addr.as_str() || slot.unconnected_since.elapsed() > DIAL_FALLBACK;
+                        if slot.dialing || Instant::now() < slot.next_attempt || !my_turn {
                             continue;
                         }
                         slot.dialing = true;
@@ -164,7 +191,7 @@ pub fn spawn(
 }
 
 fn new_slot() -> Slot {
-    Slot { backoff: BACKOFF_MIN, next_attempt: Instant::now(), dialing: false }
+    Slot { backoff: BACKOFF_MIN, next_attempt: Instant::now(), dialing: false, unconnected_since: Instant::now() }
 }
 
 fn back_off(slot: &mut Slot, max: Duration) {
