@@ -22,6 +22,7 @@ use crate::cluster::peers::{self, PeerSettings};
 use crate::cluster::presence::Presence;
 use crate::cluster::raft_net::PeerRaft;
 use crate::cluster::shards::{ShardResources, Shards};
+use crate::cluster::tls::ClusterTls;
 use crate::cluster::transport::{PeerEvent, Transport};
 use crate::cluster::view::ClusterView;
 use crate::cluster::wire::{GroupReport, Hello};
@@ -197,7 +198,13 @@ pub async fn run(
 
     let (session_tx, session_rx) = mpsc::unbounded_channel();
     let hello = Hello { node: node_id, addr: addr.clone(), cluster_id: 0 };
-    let transport = Transport::start(node_id, hello, cfg.cluster.listen, cfg.cluster.cookie.clone(), session_tx)
+    let tls = match (&cfg.cluster.tls_cert, &cfg.cluster.tls_key, &cfg.cluster.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(ClusterTls::load(cert, key, ca).map_err(|e| NodeError::Start("cluster TLS".into(), e.to_string()))?)
+        }
+        _ => None,
+    };
+    let transport = Transport::start(node_id, hello, cfg.cluster.listen, cfg.cluster.cookie.clone(), tls, session_tx)
         .await
         .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
     let view = Arc::new(ClusterView::new(node_id));

@@ -77,3 +77,107 @@ async fn clients_on_any_node_share_one_system() {
         "every group has a leader: {status}"
     );
 }
+
+/// Generates a CA and a certificate for 127.0.0.1 signed by it, with the openssl CLI.
+fn tls_material(dir: &std::path::Path) -> (String, String, String) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=convoy-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=convoy-node",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let path = |f: &str| dir.join(f).display().to_string();
+    (path("node.pem"), path("node.key"), path("ca.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_over_tls_and_refuse_plain_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = tls_material(dir.path());
+    let tls = NodeOptions::new().set("cluster.tls_cert", cert).set("cluster.tls_key", key).set("cluster.tls_ca", ca);
+    let cluster = Cluster::start(3, tls);
+    let g = unique("tls");
+    let a = connect(cluster.node(0), &unique("a"), &["dispatcher"]).await;
+    open_group(&a, &g, vec![]).await;
+    for i in 0..10 {
+        a.msg_send(&g, &format!("m{i}"), text("over tls"), false).await.expect("a send through a TLS cluster");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            let mut logs = Vec::new();
+            for i in 0..3 {
+                logs.push(cluster.replica_entries(i, "group", &g).await.unwrap_or_default().len());
+            }
+            logs == [11, 11, 11]
+        })
+        .await,
+        "every replica got the entries over TLS"
+    );
+    // A node that dials without TLS is refused, and says what to check. It never becomes
+    // ready, so it runs as a bare process here.
+    let mut plain = NodeOptions::new().set("cluster.seeds", vec![toml::Value::from(cluster.node(0).cluster_addr())]);
+    plain.id = "n9".into();
+    let outsider = Node::configure(plain, Ports::free(), "a-secret-of-forty-eight-characters-for-the-test!".into());
+    let log = std::fs::File::create(outsider.log_path()).unwrap();
+    let mut process = std::process::Command::new(convoy_tests::node::convoy_bin())
+        .args(["start", "--config"])
+        .arg(outsider.dir().join("convoy.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let refused = wait_until(Duration::from_secs(10), || async {
+        std::fs::read_to_string(outsider.log_path())
+            .unwrap_or_default()
+            .contains("check that every node has the same cluster.cookie (and TLS settings)")
+    })
+    .await;
+    let _ = process.kill();
+    let _ = process.wait();
+    assert!(refused, "the plain node says why it cannot join:\n{}", outsider.log_tail(20));
+    let status = cluster.status(0).await;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the outsider did not join: {status}");
+}

@@ -154,12 +154,12 @@ pub fn spawn(
                             continue;
                         }
                         slot.dialing = true;
-                        let (server, addr, tx) = (transport.server.clone(), addr.clone(), internal_tx.clone());
+                        let (t, addr, tx) = (transport.clone(), addr.clone(), internal_tx.clone());
                         tokio::spawn(async move {
-                            let dialed = tokio::time::timeout(CONNECT_TIMEOUT, ractor_cluster::client_connect(&server, addr.as_str())).await;
+                            let dialed = tokio::time::timeout(CONNECT_TIMEOUT, t.dial(&addr)).await;
                             let ok = matches!(dialed, Ok(Ok(())));
-                            if !ok {
-                                tracing::debug!(%addr, "dialing a peer failed; backing off");
+                            if let Ok(Err(e)) = &dialed {
+                                tracing::debug!(%addr, error = %e, "dialing a peer failed; backing off");
                             }
                             let _ = tx.send(Internal::Dialed { addr, ok });
                         });

@@ -24,9 +24,13 @@ use ractor::concurrency::Duration as RactorDuration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage, RactorClusterMessage};
+use ractor_cluster::{
+    IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage,
+    RactorClusterMessage,
+};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
+use super::tls::{ClusterTls, server_name};
 use super::wire::{Call, CallReply, Cast, Envelope, Hello, MAX_MESSAGE_BYTES};
 use crate::shard::NodeId;
 use crate::store::codec;
@@ -108,6 +112,7 @@ pub struct Transport {
     pub(super) started: Instant,
     inbound: std::sync::OnceLock<Arc<dyn Inbound>>,
     inbound_slots: Arc<Semaphore>,
+    tls: Option<ClusterTls>,
 }
 
 impl Transport {
@@ -118,15 +123,17 @@ impl Transport {
         hello: Hello,
         listen: std::net::SocketAddr,
         cookie: String,
+        tls: Option<ClusterTls>,
         session_events: mpsc::UnboundedSender<SessionEvent>,
     ) -> Result<Arc<Transport>, String> {
         let advertised_host = hello.addr.cluster_addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
+        let encryption = tls.as_ref().map(|t| IncomingEncryptionMode::Tls(t.acceptor.clone()));
         let server = NodeServer::new(
             listen.port(),
             cookie,
             ractor_name(me),
             advertised_host,
-            None,
+            encryption,
             Some(NodeConnectionMode::Isolated),
         )
         .with_listen_addr(listen.ip());
@@ -147,6 +154,7 @@ impl Transport {
             started: Instant::now(),
             inbound: std::sync::OnceLock::new(),
             inbound_slots: Arc::new(Semaphore::new(MAX_INBOUND_CALLS)),
+            tls,
         });
         Actor::spawn(None, Endpoint, transport.clone()).await.map_err(|e| format!("starting the endpoint: {e}"))?;
         Ok(transport)
@@ -154,6 +162,20 @@ impl Transport {
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// Opens a session to the node listening at `addr` (TLS when configured); the session
+    /// greets itself once ready.
+    pub(super) async fn dial(&self, addr: &str) -> Result<(), String> {
+        match &self.tls {
+            None => ractor_cluster::client_connect(&self.server, addr).await.map_err(|e| e.to_string()),
+            Some(tls) => {
+                let name = server_name(addr).map_err(|e| e.to_string())?;
+                ractor_cluster::client_connect_enc(&self.server, addr, tls.connector.clone(), name)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// Sets what handles peers' messages (once, before peers are dialed).
