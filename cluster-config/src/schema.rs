@@ -173,9 +173,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(300),
-            election_timeout_max: Duration::from_millis(600),
+            heartbeat_interval: Duration::from_millis(200),
+            election_timeout_min: Duration::from_millis(600),
+            election_timeout_max: Duration::from_millis(1000),
             snapshot_every_entries: 20_000,
             max_payload_entries: 512,
         }
