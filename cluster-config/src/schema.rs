@@ -144,7 +144,7 @@ impl Default for ClusterConfig {
             advertise: None,
             cookie: "convoy-dev-cookie".into(),
             seeds: Vec::new(),
-            shards: 16,
+            shards: 8,
             replication_factor: 3,
             heartbeat_interval: Duration::from_millis(200),
             failure_timeout: Duration::from_secs(1),
@@ -167,16 +167,20 @@ pub struct RaftConfig {
     #[serde(with = "humantime_serde")]
     pub election_timeout_max: Duration,
     pub snapshot_every_entries: u64,
+    /// Entries a leader keeps behind its latest snapshot, so that a briefly lagging follower
+    /// catches up from the log instead of receiving a whole snapshot.
+    pub keep_entries_after_snapshot: u64,
     pub max_payload_entries: u64,
 }
 
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval: Duration::from_millis(200),
-            election_timeout_min: Duration::from_millis(600),
-            election_timeout_max: Duration::from_millis(1000),
+            heartbeat_interval: Duration::from_millis(150),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(550),
             snapshot_every_entries: 20_000,
+            keep_entries_after_snapshot: 1000,
             max_payload_entries: 512,
         }
     }

@@ -147,7 +147,7 @@ fn to_toml_string_round_trips() {
 fn partial_sections_keep_other_defaults() {
     let c = Config::from_toml_str("[raft]\nheartbeat_interval = \"50ms\"\n[limits]\nmax_frame_bytes = 2048\n").unwrap();
     assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(50));
-    assert_eq!(c.raft.election_timeout_min, Duration::from_millis(600));
+    assert_eq!(c.raft.election_timeout_min, Duration::from_millis(300));
     assert_eq!(c.limits.max_frame_bytes, 2048);
     assert_eq!(c.limits.max_text_chars, 4000);
 }
@@ -440,7 +440,7 @@ fn invalid_error_reads_as_key_value_problem() {
     assert_eq!(
         err.to_string(),
         "invalid configuration: raft.election_timeout_min = 50ms: \
-         must be greater than raft.heartbeat_interval (200ms)"
+         must be greater than raft.heartbeat_interval (150ms)"
     );
 }
 

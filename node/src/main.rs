@@ -59,6 +59,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(args) => token(args),
         Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,
+        Command::Cluster(ClusterCommand::Drain { node, wait, admin }) => drain(&node, wait, admin).await,
+        Command::Cluster(ClusterCommand::Remove { node, admin }) => {
+            admin_call(&admin, reqwest::Method::POST, &format!("/v1/cluster/nodes/{node}/remove")).await?;
+            println!("{node} removed: its replicas are being placed on the other nodes (see `convoy cluster status`)");
+            Ok(())
+        }
     }
 }
 
@@ -77,17 +83,18 @@ fn secret_keys(config: Option<&std::path::Path>, data_dir: &std::path::Path) -> 
     Ok((TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl), cfg))
 }
 
-async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
-    let token = match args.token {
-        Some(t) => t,
+/// Calls the admin API with an admin token (given, or minted from the client secret).
+async fn admin_call(args: &AdminArgs, method: reqwest::Method, path: &str) -> anyhow::Result<String> {
+    let token = match &args.token {
+        Some(t) => t.clone(),
         None => {
             let (keys, _) = secret_keys(args.config.as_deref(), &args.data_dir)?;
             keys.mint("convoy-cli", &["admin".into()], &[], None, Duration::from_secs(60))
         }
     };
-    let url = format!("{}/v1/cluster", args.admin.trim_end_matches('/'));
+    let url = format!("{}{path}", args.admin.trim_end_matches('/'));
     let resp = reqwest::Client::new()
-        .get(&url)
+        .request(method, &url)
         .bearer_auth(token)
         .timeout(Duration::from_secs(10))
         .send()
@@ -98,12 +105,40 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
     if !status.is_success() {
         anyhow::bail!("{url} answered {status}: {body}");
     }
+    Ok(body)
+}
+
+async fn drain(node: &str, wait: bool, args: AdminArgs) -> anyhow::Result<()> {
+    admin_call(&args, reqwest::Method::POST, &format!("/v1/cluster/nodes/{node}/drain")).await?;
+    println!("{node} is draining: its replicas move to the other nodes");
+    if !wait {
+        println!("watch it with `convoy cluster status`; stop {node} once it is no longer listed");
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    loop {
+        let s: ClusterStatus = serde_json::from_str(&admin_call(&args, reqwest::Method::GET, "/v1/cluster").await?)?;
+        match s.members.iter().find(|m| m.name == node) {
+            None => break,
+            Some(m) => bar.set_message(format!("{node} still holds {} replicas", m.holds)),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The bar is hidden when stdout is not a terminal; the outcome is always printed.
+    bar.finish_and_clear();
+    println!("{node} has left the cluster: you can stop it");
+    Ok(())
+}
+
+async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
+    let body = admin_call(&args, reqwest::Method::GET, "/v1/cluster").await?;
     if args.json {
         println!("{body}");
         return Ok(());
     }
     let s: ClusterStatus =
-        serde_json::from_str(&body).with_context(|| format!("{url} answered something else: {body}"))?;
+        serde_json::from_str(&body).with_context(|| format!("{} answered something else: {body}", args.admin))?;
     println!(
         "cluster {} as seen by {}: {} shards, replication factor {}",
         s.cluster_id, s.node, s.shards, s.replication_factor

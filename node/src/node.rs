@@ -146,6 +146,7 @@ fn raft_settings(cfg: &Config) -> RaftSettings {
         election_min: cfg.raft.election_timeout_min,
         election_max: cfg.raft.election_timeout_max,
         snapshot_every_entries: cfg.raft.snapshot_every_entries,
+        keep_entries_after_snapshot: cfg.raft.keep_entries_after_snapshot,
         max_payload_entries: cfg.raft.max_payload_entries,
     }
 }
@@ -257,6 +258,7 @@ pub async fn run(
             transport: transport.clone(),
             view: view.clone(),
             state: cluster_state.clone(),
+            shards: shards.clone(),
         },
         chaos: cfg.chaos.enabled,
     });

@@ -12,6 +12,8 @@ use crate::{admin_get, http};
 
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// The shared `cluster.cookie`, for nodes added later.
+    cookie: String,
 }
 
 impl Cluster {
@@ -38,7 +40,20 @@ impl Cluster {
                 s.spawn(|| node.spawn());
             }
         });
-        Cluster { nodes }
+        Cluster { nodes, cookie }
+    }
+
+    /// Starts one more node (`n<k>`) with `opts`, seeded with every existing node, and waits until
+    /// it is ready (it has joined). Returns its index.
+    pub fn add_node(&mut self, opts: NodeOptions) -> usize {
+        let seeds: Vec<toml::Value> = self.nodes.iter().map(|n| n.cluster_addr().to_string().into()).collect();
+        let mut o = opts.set("cluster.cookie", self.cookie.clone()).set("cluster.seeds", seeds);
+        o.id = format!("n{}", self.nodes.len() + 1);
+        let secret = self.nodes[0].secret().to_string();
+        let mut node = Node::configure(o, Ports::free(), secret);
+        node.spawn();
+        self.nodes.push(node);
+        self.nodes.len() - 1
     }
 
     pub fn node(&self, i: usize) -> &Node {

@@ -22,7 +22,9 @@ use serde_json::json;
 pub use status::{ClusterStatus, GroupRow, MemberRow};
 use tokio::sync::watch;
 
-use crate::cluster::meta::ClusterState;
+use crate::cluster::inbound::meta_command;
+use crate::cluster::meta::{ClusterState, MetaCommand};
+use crate::cluster::shards::Shards;
 use crate::cluster::transport::Transport;
 use crate::cluster::view::ClusterView;
 use crate::gateway::auth::TokenKeys;
@@ -42,6 +44,7 @@ pub struct ClusterHandles {
     pub transport: Arc<Transport>,
     pub view: Arc<ClusterView>,
     pub state: watch::Receiver<Arc<ClusterState>>,
+    pub shards: Arc<Shards>,
 }
 
 #[derive(Clone)]
@@ -109,6 +112,29 @@ async fn prometheus(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 async fn cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Result<axum::Json<ClusterStatus>, JsonReply> {
     authorize(&s, &headers)?;
     Ok(axum::Json(status::collect(&s.cluster, &s.router)))
+}
+
+/// `POST /v1/cluster/nodes/{name}/drain` and `.../remove`: move every replica off a node
+/// (it leaves once it holds none), or forget a node that is gone for good.
+async fn node_command(
+    State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, JsonReply> {
+    authorize(&s, &headers)?;
+    let state = s.cluster.state.borrow().clone();
+    let Some((&node, _)) = state.members.iter().find(|(_, m)| m.addr.name == name) else {
+        let names: Vec<&str> = state.members.values().map(|m| m.addr.name.as_str()).collect();
+        return Err(refuse(StatusCode::NOT_FOUND, format!("no member named {name:?}; members: {}", names.join(", "))));
+    };
+    let cmd = match action.as_str() {
+        "drain" => MetaCommand::Drain { node },
+        "remove" => MetaCommand::Remove { node },
+        other => return Err(refuse(StatusCode::NOT_FOUND, format!("unknown action {other:?}: use drain or remove"))),
+    };
+    let c = &s.cluster;
+    meta_command(&c.shards, &c.view, &c.transport, cmd).await.map_err(|e| refuse(StatusCode::CONFLICT, e))?;
+    Ok(axum::Json(json!({ "node": name, "action": action, "accepted": true })))
 }
 
 /// `GET /v1/entities/{kind}/{id}`: where an entity lives and, if this node holds a replica,
@@ -204,6 +230,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/nodes/{name}/{action}", post(node_command))
         .route("/v1/entities/{kind}/{id}", get(entity))
         .route("/v1/replicas/{kind}/{id}/entries", get(replica_entries))
         .route("/v1/chaos/entities/{kind}/{id}/crash", post(crash_entity))

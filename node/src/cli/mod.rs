@@ -47,6 +47,23 @@ pub enum ClusterCommand {
         after_help = "Example:\n  convoy cluster status --admin http://127.0.0.1:7601 \\\n      --config cluster-config/examples/local-3/n1.toml\n"
     )]
     Status(AdminArgs),
+    /// Move every shard replica off NODE; it leaves the cluster once it holds none (then stop it).
+    Drain {
+        /// The node's name (node.id).
+        node: String,
+        /// Wait, showing progress, until the node has left.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Forget NODE for good (it is dead and will not come back): its replicas are re-placed.
+    Remove {
+        /// The node's name (node.id).
+        node: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// How to reach a node's admin API and prove to it you are an admin.

@@ -125,7 +125,8 @@ pub async fn control(
     }
 }
 
-async fn meta_command(
+/// Has the metadata group's leader apply `cmd` (this node, or forwarded to it).
+pub async fn meta_command(
     shards: &Shards,
     view: &ClusterView,
     transport: &Transport,

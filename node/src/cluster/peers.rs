@@ -29,7 +29,7 @@ pub struct PeerSettings {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(100);
 
 /// Reports for heartbeats, and what to do with a peer's.
 pub trait Reports: Send + Sync + 'static {

@@ -22,7 +22,7 @@ use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings, ShardError, Shar
 use crate::store::{Durability, Store, WriteBatch, keys};
 
 /// How often hosted groups are compared with placement even without a change.
-const RECONCILE_EVERY: Duration = Duration::from_millis(200);
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// What starting a shard host needs.
 pub struct ShardResources {

@@ -40,6 +40,7 @@ pub struct RaftSettings {
     pub election_min: Duration,
     pub election_max: Duration,
     pub snapshot_every_entries: u64,
+    pub keep_entries_after_snapshot: u64,
     pub max_payload_entries: u64,
 }
 
@@ -52,7 +53,7 @@ impl RaftSettings {
             election_timeout_max: self.election_max.as_millis() as u64,
             max_payload_entries: self.max_payload_entries,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
             enable_pre_vote: Some(true),
             ..Default::default()
         };

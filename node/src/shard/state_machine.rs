@@ -321,17 +321,21 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // sled has no point-in-time view; this runs in order with `apply`, so the cut taken
-        // here is consistent with `meta`.
-        let (lo, hi) = keys::state_machine(self.group);
-        let rows = self.store.engine().range(
-            std::ops::Bound::Included(&lo),
-            std::ops::Bound::Excluded(&hi),
-            false,
-            usize::MAX,
-        );
+        // here is consistent with `meta` once the batches `apply` queued are in the store.
+        // Without the barrier the snapshot would claim entries whose effects it lacks.
+        let rows = match self.store.writer().barrier().await {
+            Ok(()) => {
+                let (lo, hi) = keys::state_machine(self.group);
+                self.store
+                    .engine()
+                    .range(std::ops::Bound::Included(&lo), std::ops::Bound::Excluded(&hi), false, usize::MAX)
+                    .map_err(io::Error::from)
+            }
+            Err(e) => Err(io::Error::from(e)),
+        };
         SnapshotBuilder {
             meta: SnapshotMeta { last_log_id: self.meta.last_applied, last_membership: self.meta.membership.clone() },
-            rows: rows.map_err(io::Error::from),
+            rows,
             dir: self.snapshot_dir.clone(),
             current: self.current.clone(),
         }

@@ -313,7 +313,9 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         {
             batch.delete(keys::segment(self.group, last));
         }
-        Ok(self.store.writer().write(batch, Durability::Visible).await?)
+        self.store.writer().write(batch, Durability::Visible).await?;
+        metrics::counter!("convoy_raft_log_purges_total").increment(1);
+        Ok(())
     }
 }
 
