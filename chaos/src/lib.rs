@@ -4,12 +4,16 @@
 //! - [`token`]: client tokens (HS256 JWTs).
 //! - [`load`]: the `load` subcommand: many connections, groups and senders against running nodes,
 //!   measuring throughput, ack and push latency, and server memory per connection.
+//! - [`run`]: `up`, `down` and `run`: local clusters, scenarios, faults and the chaos workload.
+//! - [`check`]: the history of a chaos run and the checker that proves nothing was lost.
 //! - [`sys`]: process memory and file-descriptor helpers.
 //!
 //! The crate is written against the published protocol document alone, like any third-party
 //! client, so that it checks the contract rather than the implementation.
 
+pub mod check;
 pub mod client;
 pub mod load;
+pub mod run;
 pub mod sys;
 pub mod token;

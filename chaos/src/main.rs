@@ -1,7 +1,12 @@
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use convoy_chaos::load::{self, LoadArgs, LoadConfig};
+use convoy_chaos::run::cluster::LaunchOptions;
+use convoy_chaos::run::scenario::Scenario;
+use convoy_chaos::run::{self, RunOptions};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -14,9 +19,20 @@ Examples:
   # Memory per idle connection of a node
   convoy-chaos load --secret dev-secret --idle -c 10000 --server-pid $NODE_PID
 
-Run `convoy-chaos load --help` for every option. Logs go to stderr (RUST_LOG=debug for more).";
+  # Break a cluster on purpose and check that nothing acknowledged was lost
+  convoy-chaos run chaos/scenarios/smoke.toml
 
-/// Client-side test harness for Convoy clusters: protocol client, load generator.
+  # A local cluster to play with (each node in its own network namespace), then remove it
+  convoy-chaos up --nodes 3 --netns
+  convoy-chaos down
+
+  # Re-check a recorded history
+  convoy-chaos check convoy-chaos-run/history.jsonl
+
+Run `convoy-chaos <command> --help` for every option. Logs go to stderr (RUST_LOG=debug for more).";
+
+/// Load and chaos for Convoy clusters: drive nodes with load, launch local clusters, break them
+/// with scenarios, and check that nothing acknowledged was lost.
 #[derive(Debug, Parser)]
 #[command(name = "convoy-chaos", version, after_help = AFTER_HELP, propagate_version = true)]
 struct Cli {
@@ -35,6 +51,87 @@ enum Command {
     /// messages per second in total). Prints a live line every second and a summary table at
     /// the end.
     Load(LoadArgs),
+    /// Launch a local cluster of `convoy` processes and leave it running
+    ///
+    /// Writes a configuration per node into --dir, starts the nodes (each in its own network
+    /// namespace with --netns: needs root, `ip` and `iptables`), waits until they serve, and
+    /// prints how to reach them. `convoy-chaos down` removes it.
+    Up(UpArgs),
+    /// Stop the cluster `up` launched and remove its network namespaces (data and logs stay)
+    Down(DirArgs),
+    /// Run a scenario: launch a cluster, drive the workload, inject the faults, heal, check
+    ///
+    /// The last line printed is the verdict:
+    /// `verdict: ok|violated lost=<n> unexpected=<n> duplicated=<n> reordered=<n> divergent=<n>
+    /// max_unavailable_ms=<n>`; the exit status is 0 only when it is ok. The history
+    /// (history.jsonl) and the report (report.json) are written to --dir.
+    Run(RunArgs),
+    /// Check a recorded history (history.jsonl) again and print the verdict
+    Check {
+        /// The history file a run wrote.
+        history: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DirArgs {
+    /// Where the cluster's configurations, data, logs and cluster.json live.
+    #[arg(long, default_value = "convoy-chaos-cluster")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    nodes: u16,
+    /// Put each node in its own network namespace (needs root), so partitions can be cut with iptables.
+    #[arg(long)]
+    netns: bool,
+    #[command(flatten)]
+    dir: DirArgs,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// The `convoy` binary [default: next to this one, else `convoy` on the PATH]
+    #[arg(long)]
+    convoy: Option<PathBuf>,
+    /// Client port of n1; node i uses base + 10(i-1) for clients, +1 admin, +2 cluster.
+    #[arg(long, default_value_t = 17600)]
+    base_port: u16,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The scenario file (see chaos/scenarios/ and docs/chaos.md).
+    scenario: PathBuf,
+    /// Seed of the run's names (groups, users); the same seed gives the same names.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the cluster, the history and the report go.
+    #[arg(long, default_value = "convoy-chaos-run")]
+    dir: PathBuf,
+    /// Leave the cluster running after the run (remove it with `convoy-chaos down --dir <dir>/cluster`).
+    #[arg(long)]
+    keep: bool,
+    /// No live progress line.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+impl NodeArgs {
+    fn convoy(&self) -> PathBuf {
+        if let Some(p) = &self.convoy {
+            return p.clone();
+        }
+        let sibling = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("convoy")));
+        sibling.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("convoy"))
+    }
 }
 
 fn init_tracing() {
@@ -48,6 +145,99 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Load(args) => run_load(args),
+        Command::Up(args) => block_on(up(args)),
+        Command::Down(args) => block_on(async move { run::down(&args.dir).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Run(args) => block_on(run_scenario(args)),
+        Command::Check { history } => check(&history),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn block_on(f: impl std::future::Future<Output = Result<ExitCode, BoxError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<ExitCode, BoxError> {
+    let opts = LaunchOptions {
+        nodes: usize::from(args.nodes),
+        dir: args.dir.dir.clone(),
+        convoy: args.node.convoy(),
+        netns: args.netns,
+        base_port: args.node.base_port,
+        config: toml::Table::new(),
+    };
+    let cluster = run::up(&opts).await?;
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["node", "pid", "client", "admin", "cluster", "namespace"]);
+    for n in &cluster.nodes {
+        table.add_row([
+            n.name.clone(),
+            n.pid.map(|p| p.to_string()).unwrap_or_default(),
+            n.client_url.clone(),
+            n.admin_url.clone(),
+            n.cluster_addr.clone(),
+            n.netns.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{table}");
+    println!("client secret: {}", cluster.secret);
+    println!("a token:       convoy token --config {} --user alice --role driver", cluster.nodes[0].config.display());
+    println!(
+        "status:        convoy cluster status --admin {} --config {}",
+        cluster.nodes[0].admin_url,
+        cluster.nodes[0].config.display()
+    );
+    println!("remove it:     convoy-chaos down --dir {}", args.dir.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_scenario(args: RunArgs) -> Result<ExitCode, BoxError> {
+    let scenario = Scenario::load(&args.scenario)?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let opts = RunOptions {
+        convoy: args.node.convoy(),
+        dir: args.dir.clone(),
+        base_port: args.node.base_port,
+        seed,
+        keep: args.keep,
+        quiet: args.quiet,
+    };
+    eprintln!("scenario {} (seed {seed}): {}", scenario.name, scenario.description);
+    let outcome = run::run(&scenario, &opts).await?;
+    println!("{}", outcome.verdict.summary());
+    println!("history: {}", outcome.history.display());
+    println!("report:  {}", outcome.report.display());
+    println!("{}", outcome.verdict.line());
+    Ok(if outcome.verdict.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn check(history: &std::path::Path) -> ExitCode {
+    match convoy_chaos::check::history::read_history(history) {
+        Ok(records) => {
+            let verdict = convoy_chaos::check::check(&records);
+            println!("{}", verdict.summary());
+            println!("{}", verdict.line());
+            if verdict.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
