@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, Phase};
 use crate::cluster::controller::{Controller, join_or_found};
+use crate::cluster::faults::PeerFaults;
 use crate::cluster::inbound::NodeInbound;
 use crate::cluster::meta::ClusterState;
 use crate::cluster::peers::{self, PeerSettings};
@@ -205,9 +206,11 @@ pub async fn run(
         }
         _ => None,
     };
-    let transport = Transport::start(node_id, hello, cfg.cluster.listen, cfg.cluster.cookie.clone(), tls, session_tx)
-        .await
-        .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
+    let peer_faults = Arc::new(PeerFaults::default());
+    let transport =
+        Transport::start(node_id, hello, cfg.cluster.listen, cfg.cluster.cookie.clone(), tls, session_tx, peer_faults)
+            .await
+            .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
     let view = Arc::new(ClusterView::new(node_id));
     let presence = Presence::new(transport.clone(), hub.clone());
     let runtime = NodeRuntime::new(domain_config(&cfg), presence.clone());
@@ -261,6 +264,7 @@ pub async fn run(
             shards: shards.clone(),
         },
         chaos: cfg.chaos.enabled,
+        storage: store.writer().faults().clone(),
     });
     let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));
 

@@ -2,6 +2,7 @@
 //! operators (cluster status, entity lookup, replica reads, fault injection), which needs
 //! `Authorization: Bearer <token>` with a token whose roles include `admin`.
 
+mod chaos;
 mod status;
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use crate::cluster::transport::Transport;
 use crate::cluster::view::ClusterView;
 use crate::gateway::auth::TokenKeys;
 use crate::shard::Leadership;
+use crate::store::writer::WriterFaults;
 
 /// Where the node is in its life, as `/readyz` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,8 @@ pub struct AdminState {
     pub cluster: ClusterHandles,
     /// Fault injection endpoints answer only when `chaos.enabled`.
     pub chaos: bool,
+    /// The storage writer's fault switches (network faults live in the transport).
+    pub storage: Arc<WriterFaults>,
 }
 
 type JsonReply = (StatusCode, axum::Json<serde_json::Value>);
@@ -202,28 +206,6 @@ async fn replica_entries(
     })))
 }
 
-/// `POST /v1/chaos/entities/{kind}/{id}/crash`: the entity's actor fails on purpose.
-async fn crash_entity(
-    State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path((kind, id)): Path<(String, String)>,
-) -> Result<axum::Json<serde_json::Value>, JsonReply> {
-    authorize(&s, &headers)?;
-    if !s.chaos {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "fault injection is disabled on this node: set chaos.enabled = true".into(),
-        ));
-    }
-    let key = entity_key(&kind, &id)?;
-    let group = s.router.shard_of(&key);
-    let Some(host) = s.router.local(group) else {
-        return Err(refuse(StatusCode::CONFLICT, format!("{key} lives in {group}, which this node does not hold")));
-    };
-    let crashed = host.entities().crash(&key);
-    Ok(axum::Json(json!({ "entity": key.to_string(), "shard": group.to_string(), "crashed": crashed })))
-}
-
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -233,7 +215,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/cluster/nodes/{name}/{action}", post(node_command))
         .route("/v1/entities/{kind}/{id}", get(entity))
         .route("/v1/replicas/{kind}/{id}/entries", get(replica_entries))
-        .route("/v1/chaos/entities/{kind}/{id}/crash", post(crash_entity))
+        .route("/v1/chaos", get(chaos::faults))
+        .route("/v1/chaos/peers/heal", post(chaos::heal_peers))
+        .route("/v1/chaos/peers/{name}/{action}", post(chaos::peer_fault))
+        .route("/v1/chaos/storage/{action}", post(chaos::storage_fault))
+        .route("/v1/chaos/entities/{kind}/{id}/crash", post(chaos::crash_entity))
         .with_state(Arc::new(state))
 }
 

@@ -1,8 +1,9 @@
 //! The cluster: metadata and placement (`meta`), the node-to-node transport
-//! (`transport`, `wire`), and the peer manager that keeps sessions to every peer up and
-//! notices when one goes silent (`peers`).
+//! (`transport`, `wire`), the peer manager that keeps sessions to every peer up and notices
+//! when one goes silent (`peers`), and the network faults an operator can inject (`faults`).
 
 pub mod controller;
+pub mod faults;
 pub mod inbound;
 pub mod meta;
 pub mod peers;

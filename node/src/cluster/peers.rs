@@ -90,7 +90,9 @@ pub fn spawn(
                     Some(SessionEvent::Disconnected(s)) => {
                         let peer = s.peer_name.as_ref().and_then(|n| super::transport::node_of(&n.name));
                         let duplicate = peer.is_some_and(|n| transport.is_up(n));
-                        if pending.remove(&s.actor.get_id()).is_some() && !duplicate {
+                        // A peer whose traffic is dropped on purpose is refused by our greeting.
+                        let dropped = peer.is_some_and(|n| transport.faults().is_dropped(n));
+                        if pending.remove(&s.actor.get_id()).is_some() && !duplicate && !dropped {
                             // Closed before it was greeted, and not a second session to a
                             // peer we already have: most often a cookie mismatch.
                             metrics::counter!("convoy_peer_handshakes_refused_total").increment(1);

@@ -12,10 +12,13 @@
 //!   from a slow one by the time it took;
 //! - a peer that stays silent longer than `cluster.failure_timeout` has its session closed
 //!   by us, and is dialed again with backoff.
+//!
+//! Faults injected by an operator (`faults.rs`) apply here: every send and every message
+//! received passes through them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -28,8 +31,9 @@ use ractor_cluster::{
     IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage,
     RactorClusterMessage,
 };
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 
+use super::faults::PeerFaults;
 use super::tls::{ClusterTls, server_name};
 use super::wire::{Call, CallReply, Cast, Envelope, Hello, MAX_MESSAGE_BYTES};
 use crate::shard::NodeId;
@@ -113,11 +117,27 @@ pub struct Transport {
     inbound: std::sync::OnceLock<Arc<dyn Inbound>>,
     inbound_slots: Arc<Semaphore>,
     tls: Option<ClusterTls>,
+    faults: Arc<PeerFaults>,
+    /// Casts held back by an injected delay, in order, per peer.
+    delayed_casts: parking_lot::Mutex<HashMap<NodeId, DelayLine>>,
+    /// Casts held back over all peers: while there are any, casts to a peer with some still
+    /// queued queue behind them, so that a heal never reorders them.
+    casts_held: Arc<AtomicUsize>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A delayed cast: when it is due, where it goes, what it carries.
+type HeldCast = (tokio::time::Instant, ActorRef<EndpointMsg>, Vec<u8>);
+
+/// The queue of delayed casts to one peer, sent in order by a task of its own.
+struct DelayLine {
+    tx: mpsc::UnboundedSender<HeldCast>,
+    held: Arc<AtomicUsize>,
 }
 
 impl Transport {
     /// Starts the NodeServer and this node's endpoint. Session events go to `session_events`
-    /// for the peer manager.
+    /// for the peer manager; `faults` are consulted on every send and receipt.
     pub async fn start(
         me: NodeId,
         hello: Hello,
@@ -125,6 +145,7 @@ impl Transport {
         cookie: String,
         tls: Option<ClusterTls>,
         session_events: mpsc::UnboundedSender<SessionEvent>,
+        faults: Arc<PeerFaults>,
     ) -> Result<Arc<Transport>, String> {
         let advertised_host = hello.addr.cluster_addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
         let encryption = tls.as_ref().map(|t| IncomingEncryptionMode::Tls(t.acceptor.clone()));
@@ -155,6 +176,10 @@ impl Transport {
             inbound: std::sync::OnceLock::new(),
             inbound_slots: Arc::new(Semaphore::new(MAX_INBOUND_CALLS)),
             tls,
+            faults,
+            delayed_casts: parking_lot::Mutex::new(HashMap::new()),
+            casts_held: Arc::new(AtomicUsize::new(0)),
+            runtime: tokio::runtime::Handle::current(),
         });
         Actor::spawn(None, Endpoint, transport.clone()).await.map_err(|e| format!("starting the endpoint: {e}"))?;
         Ok(transport)
@@ -162,6 +187,11 @@ impl Transport {
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// The injected network faults this transport applies.
+    pub fn faults(&self) -> &Arc<PeerFaults> {
+        &self.faults
     }
 
     /// Opens a session to the node listening at `addr` (TLS when configured); the session
@@ -225,35 +255,145 @@ impl Transport {
 
     /// Sends `call` to `node` and waits at most `timeout` for its answer.
     pub async fn call(&self, node: NodeId, call: &Call, timeout: Duration) -> Result<CallReply, TransportError> {
-        let link = self.links.read().get(&node).cloned().ok_or(TransportError::NotConnected(node))?;
-        let _slot = link.in_flight.try_acquire().map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
-        let bytes = self.encode(call, None)?;
         let started = Instant::now();
-        let result =
-            link.endpoint.call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from(timeout))).await;
+        let fault = self.faults.get(node);
+        if fault.is_some_and(|f| f.dropped) {
+            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
+            return Err(TransportError::NotConnected(node));
+        }
+        let link = self.links.read().get(&node).cloned().ok_or(TransportError::NotConnected(node))?;
+        let slot = link
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
+        let bytes = self.encode(call, None)?;
+        let result = match fault.and_then(|f| f.delay) {
+            None => {
+                let result = link
+                    .endpoint
+                    .call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from(timeout)))
+                    .await;
+                drop(slot);
+                result.ok()
+            }
+            Some(delay) => self.call_delayed(node, link.endpoint, bytes, delay, timeout, slot).await?,
+        };
         metrics::histogram!("convoy_peer_call_seconds").record(started.elapsed().as_secs_f64());
         let reply = match result {
-            Ok(CallResult::Success(bytes)) => bytes,
-            Ok(CallResult::Timeout) => return Err(TransportError::Timeout(node, timeout)),
+            Some(CallResult::Success(bytes)) => bytes,
+            Some(CallResult::Timeout) => return Err(TransportError::Timeout(node, timeout)),
             // A remote reply port can report its own timer running out as a sender error:
             // tell the two apart by how long the call took.
-            Ok(CallResult::SenderError) if started.elapsed() >= timeout => {
+            Some(CallResult::SenderError) if started.elapsed() >= timeout => {
                 return Err(TransportError::Timeout(node, timeout));
             }
-            Ok(CallResult::SenderError) | Err(_) => return Err(TransportError::SessionLost(node)),
+            Some(CallResult::SenderError) | None => return Err(TransportError::SessionLost(node)),
         };
+        if self.faults.is_dropped(node) {
+            // Traffic with the peer was dropped while the call was out: its answer is ignored.
+            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+            return Err(TransportError::NotConnected(node));
+        }
         self.heard_from(node);
         let envelope: Envelope<CallReply> =
             codec::decode("peer reply", &reply).map_err(|e| TransportError::Garbled(node, e.to_string()))?;
         Ok(envelope.body)
     }
 
+    /// A call held back by an injected delay, as a slow network holds it: it reaches the peer
+    /// `delay` later even when the caller's `timeout` runs out first (a heartbeat still counts),
+    /// and the answer comes back only if it is in time. `None` when the session failed.
+    async fn call_delayed(
+        &self,
+        node: NodeId,
+        endpoint: ActorRef<EndpointMsg>,
+        bytes: Vec<u8>,
+        delay: Duration,
+        timeout: Duration,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Option<CallResult<Vec<u8>>>, TransportError> {
+        let (tx, rx) = oneshot::channel();
+        let faults = self.faults.clone();
+        self.runtime.spawn(async move {
+            let _slot = slot;
+            tokio::time::sleep(delay).await;
+            if faults.is_dropped(node) {
+                metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
+                return;
+            }
+            let wait = timeout.checked_sub(delay).filter(|w| !w.is_zero()).unwrap_or(timeout);
+            let result = endpoint.call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from(wait))).await;
+            let _ = tx.send(result.ok());
+        });
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => Ok(result),
+            // Traffic with the peer was dropped before the call went out.
+            Ok(Err(_)) => Err(TransportError::NotConnected(node)),
+            Err(_) => Err(TransportError::Timeout(node, timeout)),
+        }
+    }
+
     /// Sends `cast` to `node` without waiting. Best effort.
     pub fn cast(&self, node: NodeId, cast: &Cast) -> Result<(), TransportError> {
+        let fault = self.faults.get(node);
+        if fault.is_some_and(|f| f.dropped) {
+            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
+            return Err(TransportError::NotConnected(node));
+        }
         let endpoint =
             self.links.read().get(&node).map(|l| l.endpoint.clone()).ok_or(TransportError::NotConnected(node))?;
         let bytes = self.encode(cast, None)?;
+        let delay = fault.and_then(|f| f.delay);
+        if delay.is_some() || self.casts_held.load(Ordering::Acquire) > 0 {
+            return self.cast_later(node, endpoint, bytes, delay.unwrap_or_default());
+        }
         endpoint.cast(EndpointMsg::Cast(bytes)).map_err(|_| TransportError::SessionLost(node))
+    }
+
+    /// Sends a cast after `delay`, behind the casts to `node` already held back.
+    fn cast_later(
+        &self,
+        node: NodeId,
+        endpoint: ActorRef<EndpointMsg>,
+        bytes: Vec<u8>,
+        delay: Duration,
+    ) -> Result<(), TransportError> {
+        let mut lines = self.delayed_casts.lock();
+        let queued = lines.get(&node).is_some_and(|l| l.held.load(Ordering::Acquire) > 0);
+        if delay.is_zero() && !queued {
+            drop(lines);
+            return endpoint.cast(EndpointMsg::Cast(bytes)).map_err(|_| TransportError::SessionLost(node));
+        }
+        let line = lines.entry(node).or_insert_with(|| self.delay_line(node));
+        line.held.fetch_add(1, Ordering::AcqRel);
+        self.casts_held.fetch_add(1, Ordering::AcqRel);
+        if line.tx.send((tokio::time::Instant::now() + delay, endpoint, bytes)).is_err() {
+            line.held.fetch_sub(1, Ordering::AcqRel);
+            self.casts_held.fetch_sub(1, Ordering::AcqRel);
+            return Err(TransportError::SessionLost(node));
+        }
+        Ok(())
+    }
+
+    /// Starts the task that sends the delayed casts to `node`, each when it is due.
+    fn delay_line(&self, node: NodeId) -> DelayLine {
+        let (tx, mut rx) = mpsc::unbounded_channel::<HeldCast>();
+        let held = Arc::new(AtomicUsize::new(0));
+        let (line_held, all_held, faults) = (held.clone(), self.casts_held.clone(), self.faults.clone());
+        self.runtime.spawn(async move {
+            while let Some((due, endpoint, bytes)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if faults.is_dropped(node) {
+                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
+                } else {
+                    let _ = endpoint.cast(EndpointMsg::Cast(bytes));
+                }
+                line_held.fetch_sub(1, Ordering::AcqRel);
+                all_held.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        DelayLine { tx, held }
     }
 
     /// Greets the peer at the other end of a ready session and, if it answers, makes it a
@@ -267,6 +407,18 @@ impl Transport {
         let node = node_of(&peer_name).ok_or_else(|| format!("peer {peer_name:?} is not a convoy node"))?;
         if node == self.me {
             return Err("a connection to ourselves".into());
+        }
+        let mut timeout = timeout;
+        if let Some(fault) = self.faults.get(node) {
+            if fault.dropped {
+                return Err(format!("traffic with node {node:x} is dropped (fault injection)"));
+            }
+            if let Some(delay) = fault.delay {
+                tokio::time::sleep(delay.min(timeout)).await;
+                timeout = timeout.checked_sub(delay).filter(|t| !t.is_zero()).ok_or_else(|| {
+                    format!("hello to node {node:x} delayed past its {timeout:?} timeout (fault injection)")
+                })?;
+            }
         }
         // The peer's endpoint is in its process group by the time the session is ready;
         // take the member behind *this* session, never a proxy of an older one.
@@ -382,6 +534,9 @@ impl Actor for Endpoint {
         let Some(inbound) = t.inbound.get().cloned() else { return Ok(()) };
         match msg {
             EndpointMsg::Cast(bytes) => match codec::decode::<Envelope<Cast>>("peer message", &bytes) {
+                Ok(env) if t.faults.is_dropped(env.from) => {
+                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+                }
                 Ok(env) => {
                     t.heard_from(env.from);
                     inbound.cast(env.from, env.body);
@@ -406,6 +561,12 @@ impl Actor for Endpoint {
                         return Ok(());
                     }
                 };
+                if t.faults.is_dropped(env.from) {
+                    // As if it never arrived: no answer, and the peer is not heard from.
+                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+                    drop(reply);
+                    return Ok(());
+                }
                 t.heard_from(env.from);
                 let Ok(slot) = t.inbound_slots.clone().try_acquire_owned() else {
                     let busy = CallReply::Failed("this node is handling too many peer requests".into());

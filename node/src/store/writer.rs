@@ -7,7 +7,7 @@
 //! so fsyncs per second stay flat while writes per second grow.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -39,9 +39,47 @@ struct Job {
 #[derive(Debug, Default)]
 pub struct WriterFaults {
     /// Every job fails with an I/O error while set.
-    pub fail: std::sync::atomic::AtomicBool,
+    pub fail: AtomicBool,
     /// Each cycle sleeps this many milliseconds before flushing.
     pub stall_ms: AtomicU64,
+    /// While set, the writer applies nothing: it waits before its next batch (jobs queue up,
+    /// then submitters wait for room) until the stall is cleared.
+    stall: AtomicBool,
+    stall_lock: parking_lot::Mutex<()>,
+    unstalled: parking_lot::Condvar,
+}
+
+impl WriterFaults {
+    /// Stalls the writer (`true`) or lets it go on (`false`), waking it at once.
+    pub fn set_stall(&self, stall: bool) {
+        {
+            let _guard = self.stall_lock.lock();
+            self.stall.store(stall, Ordering::SeqCst);
+        }
+        if !stall {
+            self.unstalled.notify_all();
+        }
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stall.load(Ordering::SeqCst)
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.fail.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling (writer) thread while stalled; whether it had to wait.
+    fn wait_while_stalled(&self) -> bool {
+        if !self.is_stalled() {
+            return false;
+        }
+        let mut guard = self.stall_lock.lock();
+        while self.is_stalled() {
+            self.unstalled.wait(&mut guard);
+        }
+        true
+    }
 }
 
 enum Command {
@@ -79,7 +117,7 @@ impl StorageWriter {
         (StorageWriter { tx, faults }, handle)
     }
 
-    pub fn faults(&self) -> &WriterFaults {
+    pub fn faults(&self) -> &Arc<WriterFaults> {
         &self.faults
     }
 
@@ -98,8 +136,9 @@ impl StorageWriter {
     }
 
     /// Makes everything queued so far durable and ends the writer thread. Later writes
-    /// fail with `WriterStopped`.
+    /// fail with `WriterStopped`. A stalled writer is let go first.
     pub async fn stop(&self) {
+        self.faults.set_stall(false);
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Stop(tx)).await.is_ok() {
             let _ = rx.await;
@@ -170,6 +209,9 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
                 None => return,
             },
         };
+        if faults.wait_while_stalled() {
+            tracing::info!("storage writer resumes after a stall");
+        }
         // Merge what is queued, up to the byte limit. A range delete only sees what is
         // already in the engine, so a job holding one starts a cycle of its own.
         let mut batch = WriteBatch::new();
@@ -199,7 +241,7 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
         let mut ops = batch.len();
         // Jobs that queued while that batch was applied ride on the same flush: they would
         // wait for it anyway.
-        while applied.is_ok() && pending.is_none() && stop.is_none() {
+        while applied.is_ok() && pending.is_none() && stop.is_none() && !faults.is_stalled() {
             let mut more = WriteBatch::new();
             while more.bytes() < limits.max_batch_bytes {
                 let job = match rx.try_recv() {
@@ -305,6 +347,36 @@ mod tests {
         }
         assert_eq!(done.load(Ordering::Relaxed), 32 * 50);
         assert_eq!(engine.range(Bound::Unbounded, Bound::Unbounded, false, 10_000).unwrap().len(), 32 * 50);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_writer_applies_nothing_until_the_stall_is_cleared() {
+        let (_dir, engine, w) = writer();
+        w.faults().set_stall(true);
+        let mut b = WriteBatch::new();
+        b.put(b"k".to_vec(), b"v".to_vec());
+        let pending = tokio::spawn({
+            let w = w.clone();
+            async move { w.write(b, Durability::Durable).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pending.is_finished(), "a write completed while the writer was stalled");
+        assert_eq!(engine.get(b"k").unwrap(), None);
+        w.faults().set_stall(false);
+        let done = tokio::time::timeout(Duration::from_secs(5), pending).await;
+        assert!(matches!(done, Ok(Ok(Ok(())))), "the write did not complete after the stall cleared: {done:?}");
+        assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn stopping_a_stalled_writer_lets_it_finish() {
+        let (_dir, engine, w) = writer();
+        w.faults().set_stall(true);
+        let mut b = WriteBatch::new();
+        b.put(b"k".to_vec(), b"v".to_vec());
+        w.submit(b, Durability::Durable, |_| {}).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.stop()).await.expect("stop returns");
+        assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
     }
 
     #[tokio::test]
