@@ -120,6 +120,13 @@ struct RunArgs {
     /// No live progress line.
     #[arg(long, short)]
     quiet: bool,
+    /// Run against a running cluster instead of launching one: the admin URL of any node (its
+    /// nodes need `chaos.enabled = true`). Only partition, delay and storage faults apply.
+    #[arg(long, value_name = "ADMIN_URL", requires = "secret")]
+    attach: Option<String>,
+    /// The attached cluster's client secret (admin and client tokens are minted from it).
+    #[arg(long, env = "CONVOY_AUTH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -216,6 +223,7 @@ async fn run_scenario(args: RunArgs) -> Result<ExitCode, BoxError> {
         seed,
         keep: args.keep,
         quiet: args.quiet,
+        attach: args.attach.clone().zip(args.secret.clone()),
     };
     eprintln!("scenario {} (seed {seed}): {}", scenario.name, scenario.description);
     let outcome = run::run(&scenario, &opts).await?;

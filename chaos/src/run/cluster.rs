@@ -38,6 +38,10 @@ pub struct LocalCluster {
     pub secret: String,
     pub netns: bool,
     pub nodes: Vec<NodeSpec>,
+    /// A cluster someone else started: reached through its admin API only, so process faults
+    /// are impossible and nothing is stopped when the run ends.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,13 +129,54 @@ impl LocalCluster {
             let text = toml::to_string_pretty(&config).map_err(|e| io("writing a node configuration", e))?;
             std::fs::write(&node.config, text).map_err(|e| io(node.config.display(), e))?;
         }
-        let mut cluster = LocalCluster { dir: opts.dir.clone(), secret, netns: opts.netns, nodes };
+        let mut cluster = LocalCluster { dir: opts.dir.clone(), secret, netns: opts.netns, nodes, attached: false };
         for i in 0..cluster.nodes.len() {
             cluster.spawn(i, &opts.convoy)?;
         }
         cluster.save()?;
         for i in 0..cluster.nodes.len() {
             cluster.wait_ready(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// A running cluster, found through the admin API at `admin_url` (its `GET /v1/cluster`
+    /// lists every member's URLs). `secret` is the cluster's client secret (admin tokens are
+    /// minted from it); its nodes must have `chaos.enabled` for partitions and storage faults.
+    pub async fn attach(admin_url: &str, secret: &str, dir: &Path) -> Result<LocalCluster, ClusterError> {
+        let mut cluster = LocalCluster {
+            dir: dir.to_path_buf(),
+            secret: secret.to_string(),
+            netns: false,
+            nodes: Vec::new(),
+            attached: true,
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| io("http", e))?;
+        let url = format!("{}/v1/cluster", admin_url.trim_end_matches('/'));
+        let resp = http.get(&url).bearer_auth(cluster.admin_token()).send().await.map_err(|e| io(&url, e))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.map_err(|e| io(&url, e))?;
+        if !status.is_success() {
+            return Err(ClusterError::Io(format!(
+                "{url} answered {status}: {body} (is --secret the cluster's client secret?)"
+            )));
+        }
+        for m in body["members"].as_array().into_iter().flatten() {
+            let field = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+            cluster.nodes.push(NodeSpec {
+                name: field("name"),
+                client_url: field("client_url"),
+                admin_url: field("admin_url"),
+                cluster_addr: field("cluster_addr"),
+                config: PathBuf::new(),
+                log: PathBuf::new(),
+                netns: None,
+                ip: String::new(),
+                pid: None,
+            });
+        }
+        if cluster.nodes.is_empty() {
+            return Err(ClusterError::Io(format!("{url} lists no members: {body}")));
         }
         Ok(cluster)
     }
@@ -203,6 +248,10 @@ impl LocalCluster {
     }
 
     pub fn is_running(&self, i: usize) -> bool {
+        if self.attached {
+            // Not ours to watch: assume it runs, and let its admin API say otherwise.
+            return true;
+        }
         let Some(pid) = self.nodes[i].pid else { return false };
         reap(pid);
         // A zombie has no /proc/PID/status "State: Z" for us once reaped; check the state.
@@ -213,6 +262,12 @@ impl LocalCluster {
     }
 
     pub fn signal(&self, i: usize, sig: i32) -> Result<(), ClusterError> {
+        if self.attached {
+            return Err(ClusterError::Io(format!(
+                "{}: process faults (kill, stop, pause, flap, power-loss) need a cluster convoy-chaos launched",
+                self.nodes[i].name
+            )));
+        }
         let Some(pid) = self.nodes[i].pid else {
             return Err(ClusterError::Io(format!("{} was never started", self.nodes[i].name)));
         };
@@ -266,6 +321,9 @@ impl LocalCluster {
 
     /// Stops every node, removes the namespaces and `cluster.json` (data and logs stay).
     pub async fn down(mut self) -> Result<(), ClusterError> {
+        if self.attached {
+            return Ok(());
+        }
         for i in 0..self.nodes.len() {
             self.stop(i, Duration::from_secs(10)).await?;
         }

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub keep: bool,
     /// No live table (CI logs).
     pub quiet: bool,
+    /// Run against a cluster started elsewhere: (an admin URL, the cluster's client secret).
+    pub attach: Option<(String, String)>,
 }
 
 /// Everything a run produced.
@@ -213,9 +215,16 @@ impl Chaos {
         Ok(())
     }
 
+    /// Starts every node in `nodes` that is down, then waits for all of them: a node is ready
+    /// only once its cluster serves, which after a power loss needs the others up too.
     async fn restart(&mut self, nodes: &[usize]) -> Result<(), Error> {
         for &i in nodes {
-            self.cluster.restart(i, &self.convoy).await?;
+            if !self.cluster.is_running(i) {
+                self.cluster.spawn(i, &self.convoy)?;
+            }
+        }
+        for &i in nodes {
+            self.cluster.wait_ready(i).await?;
         }
         Ok(())
     }
@@ -304,6 +313,21 @@ impl Chaos {
         })
     }
 
+    /// A Raft group that hit a failed write stays stopped until its node restarts (see
+    /// docs/operations.md, "Fault injection"): restart such a node, as an operator would.
+    async fn restart_if_stopped(&mut self, i: usize) -> Result<(), Error> {
+        let node = &self.cluster.nodes[i];
+        let r = self.http.get(format!("{}/v1/chaos", node.admin_url)).bearer_auth(&self.token).send().await?;
+        let faults: serde_json::Value = r.json().await?;
+        let stopped = faults["storage"]["stopped_groups"].as_array().is_some_and(|g| !g.is_empty());
+        if stopped {
+            self.phase("heal", format!("restarting {}: groups stopped on a failed write", node.name));
+            self.cluster.kill9(i).await?;
+            self.cluster.restart(i, &self.convoy).await?;
+        }
+        Ok(())
+    }
+
     fn resume(&mut self, nodes: &[usize]) -> Result<(), Error> {
         for &i in nodes {
             if self.paused.remove(&i) {
@@ -322,6 +346,7 @@ impl Chaos {
             Undo::Storage(nodes) => {
                 for i in nodes {
                     self.admin_post(i, "/v1/chaos/storage/heal").await?;
+                    self.restart_if_stopped(i).await?;
                 }
                 Ok(())
             }
@@ -344,6 +369,7 @@ impl Chaos {
                 // Storage and delay faults are per node; healing them is idempotent.
                 let _ = self.admin_post(i, "/v1/chaos/storage/heal").await;
                 let _ = self.admin_post(i, "/v1/chaos/peers/heal").await;
+                self.restart_if_stopped(i).await?;
             }
         }
         let down: Vec<usize> = (0..self.cluster.nodes.len()).filter(|&i| !self.cluster.is_running(i)).collect();
@@ -375,8 +401,33 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Erro
         base_port: opts.base_port,
         config: scenario.cluster.config.clone(),
     };
-    eprintln!("starting {} nodes in {}", launch.nodes, launch.dir.display());
-    let cluster = LocalCluster::launch(&launch).await?;
+    let cluster = match &opts.attach {
+        Some((admin, secret)) => {
+            let process = [
+                Action::Kill,
+                Action::Stop,
+                Action::Restart,
+                Action::Pause,
+                Action::Resume,
+                Action::Flap,
+                Action::PowerLoss,
+            ];
+            if let Some(f) = scenario.faults.iter().find(|f| process.contains(&f.action)) {
+                return Err(format!(
+                    "{:?} at {:?} needs a cluster convoy-chaos launched; an attached cluster takes partition, delay and storage faults only",
+                    f.action, f.at
+                )
+                .into());
+            }
+            let cluster = LocalCluster::attach(admin, secret, &opts.dir).await?;
+            eprintln!("attached to {} nodes through {admin}", cluster.nodes.len());
+            cluster
+        }
+        None => {
+            eprintln!("starting {} nodes in {}", launch.nodes, launch.dir.display());
+            LocalCluster::launch(&launch).await?
+        }
+    };
     let history_path = opts.dir.join("history.jsonl");
     let history = Arc::new(HistoryWriter::create(&history_path)?);
     let run_id = format!("r{:x}", opts.seed & 0xffff_ffff);

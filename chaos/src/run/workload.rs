@@ -139,6 +139,7 @@ pub async fn member(run: MemberRun) {
     let mut conn: Option<(Client, usize)> = None;
     let mut n: u64 = 0;
     let mut acks_since_read = 0;
+    let reading = Arc::new(AtomicBool::new(false));
     let mut next = Instant::now() + interval.mul_f64(rand::random::<f64>());
     'sends: while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep_until(next.into()).await;
@@ -194,9 +195,16 @@ pub async fn member(run: MemberRun) {
                     });
                     progress.acks.fetch_add(1, Ordering::Relaxed);
                     acks_since_read += 1;
-                    if acks_since_read >= read_every {
+                    // Read marks run beside the sends, one at a time, as a client's UI would:
+                    // a slow read must not hold back writes (nor their measured availability).
+                    if acks_since_read >= read_every && !reading.swap(true, Ordering::AcqRel) {
                         acks_since_read = 0;
-                        mark_read(&client, &seat, sent.seq, &history, clock).await;
+                        let (client, seat, history, reading) =
+                            (client.clone(), seat.clone(), history.clone(), reading.clone());
+                        tokio::spawn(async move {
+                            mark_read(&client, &seat, sent.seq, &history, clock).await;
+                            reading.store(false, Ordering::Release);
+                        });
                     }
                     break;
                 }
