@@ -166,6 +166,7 @@ async fn an_isolated_leader_is_replaced_and_catches_up_after_heal() {
     let via: Vec<usize> = (0..users.len()).map(|k| others[k % 2]).collect();
     let tasks = start_senders(&cluster, &via, &users, &g, "iso", &ledger, &stop).await;
     more_acks(&ledger, 0, 50, Duration::from_secs(30), "before the isolation").await;
+    let client_of_l = connect_with_timeout(cluster.node(l), &users[0], &["driver"], Duration::from_secs(10)).await;
 
     // Cut L off: L drops both peers, and each of them drops L.
     let acked_before = ledger.ack_count();
@@ -191,6 +192,21 @@ async fn an_isolated_leader_is_replaced_and_catches_up_after_heal() {
     })
     .await;
     assert!(l_sees, "{l_name} does not see its peers down: {}", cluster.status(l).await);
+
+    // A client of L itself is told promptly that L cannot commit, instead of being held until
+    // the node's request timeout (5 s): a cut-off leader answers `unavailable` on its own.
+    let asked = Instant::now();
+    let answer = client_of_l.msg_send(&g, "to-the-cut-off-leader", text("anyone there?"), false).await;
+    let took = asked.elapsed();
+    match &answer {
+        Err(e) if e.code() == "unavailable" => {}
+        other => panic!("a send to the cut-off {l_name} answered {other:?}; want unavailable"),
+    }
+    assert!(
+        took < Duration::from_secs(3),
+        "the cut-off {l_name} held a send for {} ms before answering unavailable: {answer:?}",
+        took.as_millis()
+    );
     let new_leader = cluster.wait_for_leader(others[0], "group", &g, Some(l), Duration::from_secs(10)).await;
     assert!(new_leader.is_some_and(|n| n != l), "no new leader for {g} apart from {l_name}");
     more_acks(&ledger, acked_before, 100, Duration::from_secs(30), "while the leader is isolated").await;

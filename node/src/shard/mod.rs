@@ -87,6 +87,9 @@ pub struct ShardHost {
     data: Arc<ShardData>,
     entities: Arc<EntityHost>,
     leadership: watch::Receiver<Leadership>,
+    /// A leader that has not heard from a majority for this long is cut off: it answers
+    /// `unavailable` at once instead of holding requests it cannot commit.
+    cut_off_after: Duration,
     tasks: Vec<JoinHandle<()>>,
     reconciling: std::sync::atomic::AtomicBool,
 }
@@ -131,6 +134,7 @@ impl ShardHost {
             data,
             entities,
             leadership: rx,
+            cut_off_after: settings.election_max * 2,
             tasks: vec![watcher],
             reconciling: Default::default(),
         }))
@@ -238,8 +242,44 @@ impl ShardHost {
 
     fn check_leading(&self) -> Result<(), Rejection> {
         match &*self.leadership.borrow() {
-            Leadership::Leading { .. } => Ok(()),
-            Leadership::Following { .. } => Err(unavailable(format!("{} is not led here", self.group))),
+            Leadership::Leading { .. } => {}
+            Leadership::Following { .. } => return Err(unavailable(format!("{} is not led here", self.group))),
+        }
+        match self.quorum_silence() {
+            Some(silence) if silence > self.cut_off_after => Err(unavailable(format!(
+                "{} is led here but no majority has answered for {} ms (this node may be cut off); retry",
+                self.group,
+                silence.as_millis()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long since a majority last acknowledged this leader; `None` for a single voter.
+    fn quorum_silence(&self) -> Option<Duration> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return None;
+        }
+        m.last_quorum_acked.as_ref().map(|t| openraft::Instant::elapsed(&**t))
+    }
+
+    /// Runs `op` while this node leads: gives up with `unavailable` as soon as it stops
+    /// leading or is cut off from the majority, rather than when the caller's timeout ends.
+    async fn while_leading<T>(&self, op: impl Future<Output = Result<T, Rejection>>) -> Result<T, Rejection> {
+        let watchdog = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if let Err(r) = self.check_leading() {
+                    return r;
+                }
+            }
+        };
+        tokio::select! {
+            result = op => result,
+            lost = watchdog => Err(lost),
         }
     }
 
@@ -254,7 +294,7 @@ impl ShardHost {
         self.check_leading()?;
         let req = RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: None });
         let started = std::time::Instant::now();
-        let written = self.raft.client_write(req).await;
+        let written = self.while_leading(async { Ok(self.raft.client_write(req).await) }).await?;
         metrics::histogram!("convoy_raft_commit_seconds").record(started.elapsed().as_secs_f64());
         match written {
             Ok(resp) => match resp.response() {
@@ -273,10 +313,13 @@ impl ShardHost {
     /// A linearizable read of `key`'s committed state.
     pub async fn query(&self, key: EntityKey, q: Query) -> Result<Reply, Rejection> {
         self.check_leading()?;
-        self.raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-            .map_err(|e| unavailable(format!("{} cannot confirm its leadership: {e}", self.group)))?;
+        self.while_leading(async {
+            self.raft
+                .ensure_linearizable(ReadPolicy::ReadIndex)
+                .await
+                .map_err(|e| unavailable(format!("{} cannot confirm its leadership: {e}", self.group)))
+        })
+        .await?;
         let state = self.data.state(&key).map_err(|e| Rejection::new(ErrorCode::Internal, e.to_string()))?;
         domain::query(&key, state.as_deref(), q, &*self.data)
             .map_err(|e| Rejection::new(ErrorCode::Internal, e.to_string()))?
