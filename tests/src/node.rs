@@ -1,5 +1,6 @@
 //! One `convoy` node process: configuration, start, stop, kill, restart.
 
+use convoy_chaos::run::cluster;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -415,19 +416,9 @@ impl ReadyLine {
     }
 }
 
-/// Sets `key` (a dotted path) in `table`, creating intermediate tables.
+/// Sets a dotted configuration key; a conflicting key is a mistake in the test.
 fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) {
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().expect("split yields at least one part");
-    let mut current = table;
-    for part in parts {
-        let entry = current.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        current = match entry {
-            toml::Value::Table(t) => t,
-            other => panic!("configuration key {key:?}: {part:?} is {other}, not a table"),
-        };
-    }
-    current.insert(last.to_string(), value);
+    cluster::set_key(table, key, value).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The last `lines` lines of the log written from byte `from` on.

@@ -111,7 +111,8 @@ impl LocalCluster {
             let seeds: Vec<toml::Value> =
                 nodes.iter().filter(|n| n.name != node.name).map(|n| n.cluster_addr.clone().into()).collect();
             let mut config = toml::Table::new();
-            let mut set = |key: &str, value: toml::Value| set_key(&mut config, key, value);
+            let mut settings: Vec<(String, toml::Value)> = Vec::new();
+            let mut set = |key: &str, value: toml::Value| settings.push((key.to_string(), value));
             set("node.id", node.name.clone().into());
             set("node.data_dir", opts.dir.join(&node.name).display().to_string().into());
             set("client.listen", node.client_url.trim_start_matches("ws://").trim_end_matches("/v1/ws").into());
@@ -125,6 +126,9 @@ impl LocalCluster {
             set("limits.request_burst", 100_000.into());
             for (key, value) in &opts.config {
                 set(key, value.clone());
+            }
+            for (key, value) in settings {
+                set_key(&mut config, &key, value).map_err(ClusterError::Io)?;
             }
             let text = toml::to_string_pretty(&config).map_err(|e| io("writing a node configuration", e))?;
             std::fs::write(&node.config, text).map_err(|e| io(node.config.display(), e))?;
@@ -360,17 +364,19 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Sets a dotted key (`limits.max_frame_bytes`) in a TOML table.
-pub fn set_key(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+/// Sets a dotted key (`limits.max_frame_bytes`) in a TOML table; an error when a section on
+/// the way already holds a value.
+pub fn set_key(table: &mut toml::Table, dotted: &str, value: toml::Value) -> Result<(), String> {
     let mut parts: Vec<&str> = dotted.split('.').collect();
-    let last = parts.pop().expect("a key");
+    let last = parts.pop().unwrap_or_default();
     let mut t = table;
-    for p in parts {
-        t = t
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .expect("configuration sections are tables");
+    for part in parts {
+        let entry = t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = match entry {
+            toml::Value::Table(section) => section,
+            other => return Err(format!("configuration key {dotted:?}: {part:?} is {other}, not a section")),
+        };
     }
     t.insert(last.to_string(), value);
+    Ok(())
 }
