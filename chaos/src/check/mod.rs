@@ -11,7 +11,8 @@
 //!   group and sender.
 //! - **duplicated**: a (group, sender, `client_msg_id`) stored at more than one seq.
 //! - **reordered**: a final read whose seqs are not exactly `1..=N` in order.
-//! - **divergent**: a group whose final reads (all taken after healing) are not identical.
+//! - **divergent**: a group whose final reads (all taken after healing) are not identical, or
+//!   whose final log lacks or changed an entry a member was pushed.
 //! - **read_regressions**: a client's read position in a group going backwards.
 //! - **malformed**: records the checker cannot reconcile (an ack without a send, a `client_msg_id`
 //!   reused for another group, a workload window ending before it starts, ...).
@@ -465,6 +466,31 @@ pub fn check(records: &[Record]) -> Verdict {
             });
         }
         if diverged {
+            v.divergent += 1;
+        }
+    }
+
+    // What members were pushed must be what the group kept: an entry a client saw and the
+    // log later lost or changed is a divergence as real as two replicas disagreeing.
+    let mut push_groups: BTreeSet<&str> = BTreeSet::new();
+    for r in &order {
+        let Record::Push { t_ms, client, group, seq, from, cmid, .. } = r else { continue };
+        let Some(log) = finals.get(group.as_str()).and_then(|reads| reads.first()) else { continue };
+        let kept = log.entries.iter().find(|e| e.seq == *seq);
+        let same = kept.is_some_and(|e| e.from == *from && (e.system || e.cmid == *cmid));
+        if !same {
+            push_groups.insert(group);
+            d.add(|| {
+                format!(
+                    "divergent: group {group}: client {client} was pushed seq {seq} from {from} ({cmid:?}) at                      t={t_ms}ms, the final log holds {kept:?}"
+                )
+            });
+        }
+    }
+    for group in push_groups {
+        if !finals.get(group).is_some_and(|reads| {
+            reads.split_first().is_some_and(|(first, rest)| rest.iter().any(|o| o.entries != first.entries))
+        }) {
             v.divergent += 1;
         }
     }

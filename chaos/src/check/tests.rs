@@ -158,6 +158,8 @@ fn empty_history_is_ok() {
 #[test]
 fn acked_but_absent_is_lost() {
     let mut h = clean();
+    // Without the push of m3, whose changed seq would also count as a divergence.
+    h.retain(|r| !matches!(r, Record::Push { .. }));
     // m2 (seq 3) vanished from every read; the following seqs are renumbered to stay contiguous.
     edit_final(&mut h, "g1", None, |e| {
         *e = vec![system(1), entry(2, "alice", "m1"), entry(3, "alice", "m3"), entry(4, "bob", "b1")];
@@ -505,4 +507,16 @@ fn reading_accepts_crlf_and_no_trailing_newline() {
     assert_eq!(records[0].kind(), "phase");
     assert_eq!(records[1].t_ms(), 3);
     assert_eq!(records[1].group(), Some("g"));
+}
+
+#[test]
+fn a_pushed_entry_the_log_lost_is_divergent() {
+    let mut records = clean();
+    // Bob was pushed alice's m3 at seq 4; the final log holds something else there.
+    edit_final(&mut records, "g1", None, |entries| entries[3] = entry(4, "alice", "m9"));
+    let v = check(&records);
+    assert!(v.divergent >= 1, "{v:?}");
+    assert!(v.details.iter().any(|d| d.contains("was pushed seq 4")), "{:?}", v.details);
+    assert!(!v.ok());
+    assert!(check(&clean()).ok(), "the clean history stays ok");
 }
