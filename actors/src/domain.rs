@@ -164,7 +164,7 @@ pub enum ProtocolReply<'a> {
     },
     Receipts(&'a Receipts),
     Inbox {
-        groups: &'a [InboxLine],
+        groups: Vec<WireInboxLine<'a>>,
     },
     /// Replies that never reach a client.
     Internal {},
@@ -182,7 +182,9 @@ impl Reply {
                 ProtocolReply::Messages { messages: WireEntries(messages), last_seq: *last_seq }
             }
             Reply::Receipts(r) => ProtocolReply::Receipts(r),
-            Reply::Inbox { groups } => ProtocolReply::Inbox { groups },
+            Reply::Inbox { groups } => ProtocolReply::Inbox {
+                groups: groups.iter().map(|l| WireInboxLine { group: &l.group, item: &l.item }).collect(),
+            },
             Reply::InboxItem(_) | Reply::InboxGroups(_) | Reply::Fired | Reply::Noted { .. } => {
                 ProtocolReply::Internal {}
             }
@@ -190,11 +192,20 @@ impl Reply {
     }
 }
 
+/// One group of a user's inbox. Replies cross nodes in a length-prefixed binary encoding,
+/// which cannot hold flattened fields: the protocol's flat shape is [`WireInboxLine`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxLine {
     pub group: GroupId,
-    #[serde(flatten)]
     pub item: InboxItem,
+}
+
+/// An inbox line as the protocol shows it: the item's fields beside `group`.
+#[derive(Debug, Serialize)]
+pub struct WireInboxLine<'a> {
+    group: &'a GroupId,
+    #[serde(flatten)]
+    item: &'a InboxItem,
 }
 
 /// Read-only requests, answered from committed state after a linearizable read barrier.

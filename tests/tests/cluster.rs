@@ -37,6 +37,13 @@ async fn clients_on_any_node_share_one_system() {
         assert_eq!(seq_of(&page.messages[0]), sent.seq);
     }
 
+    // The inbox, gathered from the user's shard and the group's, answers on every node.
+    for client in [&on_n2, &cust_n3] {
+        let inbox = client.inbox_sync().await.expect("inbox.sync across nodes");
+        let line = inbox.iter().find(|l| l.group == g).unwrap_or_else(|| panic!("{g} missing from {inbox:?}"));
+        assert_eq!(line.last_seq, 21, "{line:?}");
+    }
+
     // Pushes reach each device, wherever it is connected, in seq order.
     for (name, events) in
         [("driver on n2", &mut drv_events), ("phone on n3", &mut phone_events), ("web on n1", &mut web_events)]
