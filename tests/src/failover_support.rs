@@ -289,6 +289,30 @@ pub fn spawn_sender(sender: Sender, ledger: &Arc<Ledger>, stop: &Stop) -> tokio:
 
 /// Awaits sender tasks, passing on a sender's panic; their final errors (a sender ends without one
 /// when stopped).
+/// Starts one sender per entry of `via` (node indexes), each as a user of `users` (in order),
+/// sender `k` writing to `groups[k % groups.len()]`. `tag` keeps the names (and so the
+/// `client_msg_id`s) of separate batches of senders apart.
+pub async fn start_senders(
+    cluster: &Cluster,
+    via: &[usize],
+    users: &[String],
+    groups: &[String],
+    tag: &str,
+    ledger: &Arc<Ledger>,
+    stop: &Stop,
+) -> Vec<tokio::task::JoinHandle<Option<ClientError>>> {
+    assert!(!groups.is_empty(), "senders need a group");
+    let mut tasks = Vec::new();
+    for (k, (&i, user)) in via.iter().zip(users).enumerate() {
+        let client = connect_with_timeout(cluster.node(i), user, &["driver"], SEND_TIMEOUT).await;
+        let name = format!("{tag}-{}-c{k}", cluster.node(i).id());
+        let group = groups[k % groups.len()].clone();
+        let sender = Sender { name: name.clone(), client, group, user: user.clone(), prefix: name };
+        tasks.push(spawn_sender(sender, ledger, stop));
+    }
+    tasks
+}
+
 pub async fn join_senders(tasks: Vec<tokio::task::JoinHandle<Option<ClientError>>>) -> Vec<Option<ClientError>> {
     let mut out = Vec::new();
     for task in tasks {

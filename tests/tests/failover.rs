@@ -132,14 +132,8 @@ async fn killing_a_group_leader_mid_burst_loses_nothing() {
 
     let ledger = Ledger::new();
     let stop = Stop::new();
-    let mut tasks = Vec::new();
-    for (k, user) in users.iter().enumerate() {
-        let via = survivors[k % 2];
-        let client = connect_with_timeout(cluster.node(via), user, &["driver"], SEND_TIMEOUT).await;
-        let name = format!("{}-c{k}", cluster.node(via).id());
-        let sender = Sender { name: name.clone(), client, group: g.clone(), user: user.clone(), prefix: name };
-        tasks.push(spawn_sender(sender, &ledger, &stop));
-    }
+    let via: Vec<usize> = (0..users.len()).map(|k| survivors[k % 2]).collect();
+    let tasks = start_senders(&cluster, &via, &users, std::slice::from_ref(&g), "kill", &ledger, &stop).await;
     let started = wait_until(Duration::from_secs(30), || async { ledger.ack_count() >= ACKS_BEFORE_KILL }).await;
     assert!(started, "only {} acks before the kill; errors {:?}", ledger.ack_count(), ledger.errors());
 
@@ -625,15 +619,8 @@ async fn all_nodes_killed_at_once_lose_nothing() {
     }
     let ledger = Ledger::new();
     let stop = Stop::new();
-    let mut tasks = Vec::new();
-    for (k, user) in users.iter().enumerate() {
-        let via = (k / 2) % 3;
-        let client = connect_with_timeout(cluster.node(via), user, &["driver"], SEND_TIMEOUT).await;
-        let name = format!("{}-c{k}", cluster.node(via).id());
-        let sender =
-            Sender { name: name.clone(), client, group: groups[k % GROUPS].clone(), user: user.clone(), prefix: name };
-        tasks.push(spawn_sender(sender, &ledger, &stop));
-    }
+    let via: Vec<usize> = (0..users.len()).map(|k| (k / 2) % 3).collect();
+    let tasks = start_senders(&cluster, &via, &users, &groups, "all", &ledger, &stop).await;
     let started = wait_until(Duration::from_secs(30), || async { ledger.ack_count() >= ACKS_BEFORE_KILL }).await;
     assert!(started, "only {} acks; errors {:?}", ledger.ack_count(), ledger.errors());
 

@@ -78,26 +78,6 @@ fn unexpected_errors(ledger: &Ledger) -> Vec<String> {
         .collect()
 }
 
-/// Starts one sender per entry of `via` (node indexes), each as a user of `users` (in order).
-async fn start_senders(
-    cluster: &Cluster,
-    via: &[usize],
-    users: &[String],
-    group: &str,
-    tag: &str,
-    ledger: &std::sync::Arc<Ledger>,
-    stop: &Stop,
-) -> Vec<tokio::task::JoinHandle<Option<ClientError>>> {
-    let mut tasks = Vec::new();
-    for (k, (&i, user)) in via.iter().zip(users).enumerate() {
-        let client = connect_with_timeout(cluster.node(i), user, &["driver"], SEND_TIMEOUT).await;
-        let name = format!("{tag}-{}-c{k}", cluster.node(i).id());
-        let sender = Sender { name: name.clone(), client, group: group.to_string(), user: user.clone(), prefix: name };
-        tasks.push(spawn_sender(sender, ledger, stop));
-    }
-    tasks
-}
-
 /// Waits until `ledger` holds `n` more acks than `base`; panics with `what` otherwise.
 async fn more_acks(ledger: &Ledger, base: usize, n: usize, timeout: Duration, what: &str) {
     let ok = wait_until(timeout, || async { ledger.ack_count() >= base + n }).await;
@@ -164,7 +144,7 @@ async fn an_isolated_leader_is_replaced_and_catches_up_after_heal() {
     let ledger = Ledger::new();
     let stop = Stop::new();
     let via: Vec<usize> = (0..users.len()).map(|k| others[k % 2]).collect();
-    let tasks = start_senders(&cluster, &via, &users, &g, "iso", &ledger, &stop).await;
+    let tasks = start_senders(&cluster, &via, &users, std::slice::from_ref(&g), "iso", &ledger, &stop).await;
     more_acks(&ledger, 0, 50, Duration::from_secs(30), "before the isolation").await;
     let client_of_l = connect_with_timeout(cluster.node(l), &users[0], &["driver"], Duration::from_secs(10)).await;
 
@@ -348,7 +328,7 @@ async fn a_follower_whose_storage_stalls_or_fails_rejoins() {
 
     // 1. Storage stalls on F: the leader and O still make a majority.
     let stop = Stop::new();
-    let tasks = start_senders(&cluster, &via, &users[..2], &g, "stall", &ledger, &stop).await;
+    let tasks = start_senders(&cluster, &via, &users[..2], std::slice::from_ref(&g), "stall", &ledger, &stop).await;
     more_acks(&ledger, 0, 30, Duration::from_secs(30), "before the stall").await;
     let reply = chaos_post(cluster.node(f), "/v1/chaos/storage/stall").await;
     assert_eq!(reply["in_force"]["storage"]["stalled"], true, "{reply}");
@@ -381,7 +361,7 @@ async fn a_follower_whose_storage_stalls_or_fails_rejoins() {
 
     // 2. Storage fails on F: writes still commit; F's groups that hit a failed write stop.
     let stop = Stop::new();
-    let tasks = start_senders(&cluster, &via, &users[2..], &g, "fail", &ledger, &stop).await;
+    let tasks = start_senders(&cluster, &via, &users[2..], std::slice::from_ref(&g), "fail", &ledger, &stop).await;
     let base = ledger.ack_count();
     more_acks(&ledger, base, 30, Duration::from_secs(30), "before the failure").await;
     let reply = chaos_post(cluster.node(f), "/v1/chaos/storage/fail").await;

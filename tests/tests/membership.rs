@@ -121,15 +121,8 @@ async fn a_node_joins_and_a_drained_node_leaves_while_clients_send() {
     }
     let ledger = Ledger::new();
     let stop = Stop::new();
-    let mut tasks = Vec::new();
-    for (k, user) in users.iter().enumerate() {
-        let via = k % 3;
-        let client = connect_with_timeout(cluster.node(via), user, &["driver"], SEND_TIMEOUT).await;
-        let name = format!("{}-c{k}", cluster.node(via).id());
-        let sender =
-            Sender { name: name.clone(), client, group: groups[k % GROUPS].clone(), user: user.clone(), prefix: name };
-        tasks.push(spawn_sender(sender, &ledger, &stop));
-    }
+    let via: Vec<usize> = (0..users.len()).map(|k| k % 3).collect();
+    let tasks = start_senders(&cluster, &via, &users, &groups, "mem", &ledger, &stop).await;
     let flowing = wait_until(Duration::from_secs(30), || async { ledger.ack_count() >= 200 }).await;
     assert!(flowing, "only {} acks before the join; errors {:?}", ledger.ack_count(), ledger.errors());
 

@@ -314,13 +314,18 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Starts node `i` again on its data and waits until it is ready.
-    pub async fn restart(&mut self, i: usize, convoy: &Path) -> Result<(), ClusterError> {
-        if self.is_running(i) {
-            return Ok(());
+    /// Starts every node of `nodes` that is down, on its data, then waits until all are ready:
+    /// a node is ready only once its cluster serves, which after a power loss needs the others.
+    pub async fn restart(&mut self, nodes: &[usize], convoy: &Path) -> Result<(), ClusterError> {
+        for &i in nodes {
+            if !self.is_running(i) {
+                self.spawn(i, convoy)?;
+            }
         }
-        self.spawn(i, convoy)?;
-        self.wait_ready(i).await
+        for &i in nodes {
+            self.wait_ready(i).await?;
+        }
+        Ok(())
     }
 
     /// Stops every node, removes the namespaces and `cluster.json` (data and logs stay).

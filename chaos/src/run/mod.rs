@@ -215,18 +215,8 @@ impl Chaos {
         Ok(())
     }
 
-    /// Starts every node in `nodes` that is down, then waits for all of them: a node is ready
-    /// only once its cluster serves, which after a power loss needs the others up too.
     async fn restart(&mut self, nodes: &[usize]) -> Result<(), Error> {
-        for &i in nodes {
-            if !self.cluster.is_running(i) {
-                self.cluster.spawn(i, &self.convoy)?;
-            }
-        }
-        for &i in nodes {
-            self.cluster.wait_ready(i).await?;
-        }
-        Ok(())
+        Ok(self.cluster.restart(nodes, &self.convoy).await?)
     }
 
     /// Applies one fault; returns what undoes it, if anything.
@@ -323,7 +313,7 @@ impl Chaos {
         if stopped {
             self.phase("heal", format!("restarting {}: groups stopped on a failed write", node.name));
             self.cluster.kill9(i).await?;
-            self.cluster.restart(i, &self.convoy).await?;
+            self.restart(&[i]).await?;
         }
         Ok(())
     }

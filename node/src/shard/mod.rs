@@ -269,7 +269,9 @@ impl ShardHost {
     /// leading or is cut off from the majority, rather than when the caller's timeout ends.
     async fn while_leading<T>(&self, op: impl Future<Output = Result<T, Rejection>>) -> Result<T, Rejection> {
         let watchdog = async {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            // The caller checked just now: the first look is one period later.
+            let period = Duration::from_millis(100);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tick.tick().await;
                 if let Err(r) = self.check_leading() {
