@@ -9,8 +9,12 @@ use crate::domain::{Command, DomainConfig, EntityState, Notice, Query, Reply};
 use crate::entity::{Caller, EntityKey, Timestamp};
 use crate::error::{ErrorCode, Rejection};
 use crate::event::Event;
-use crate::group::{self, Entry, GroupCommand, GroupState};
-use crate::ids::{GroupId, UserId};
+use crate::group::{self, Entry, GroupCommand, GroupState, GroupTimer};
+use crate::ids::{GroupId, SkillGroup, TicketId, UserId};
+use crate::outbox::{Delivery, DeliveryResult, Outbox, Webhook};
+use crate::principal::{Principal, Role};
+use crate::queue::{QueueCommand, QueueTimer, SkillQueueState, sort_summaries};
+use crate::ticket::{OpenTicket, TicketCommand, TicketState, TicketStatus, TicketSummary, TicketTimer};
 use crate::user::{UserCommand, UserState};
 
 pub type ReplyFuture = Pin<Box<dyn Future<Output = Result<Reply, Rejection>> + Send + 'static>>;
@@ -29,6 +33,10 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     fn query(&self, key: EntityKey, q: Query) -> ReplyFuture;
     /// Best effort: every connected device of `users` receives `event`.
     fn push(&self, users: &[UserId], event: &Event);
+    /// Runs `task` in the background; its failure is logged, never answered.
+    fn spawn(&self, task: ReplyFuture);
+    /// Posts `hook` to the configured webhook URL, signed; succeeds at once when none is configured.
+    fn webhook(&self, hook: &Webhook) -> ReplyFuture;
 }
 
 /// A request to an entity's actor: from a client, another entity or the runtime's timers.
@@ -36,11 +44,36 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 pub enum Request {
     Group(GroupCommand),
     User(UserCommand),
+    Ticket(TicketCommand),
+    Queue(QueueCommand),
     /// `inbox.sync` for the caller.
     Inbox {
         caller: Caller,
     },
+    /// `ticket.open`: one ticket per category, opened through the first ticket's actor.
+    OpenTickets {
+        who: Principal,
+        tickets: Vec<(TicketId, OpenTicket)>,
+    },
+    /// `ticket.list` for the caller, through their own user entity.
+    ListTickets {
+        who: Principal,
+        filter: TicketFilter,
+    },
 }
+
+/// What `ticket.list` narrows to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct TicketFilter {
+    pub state: Option<TicketStatus>,
+    pub skill_group: Option<SkillGroup>,
+    pub assignee: Option<UserId>,
+}
+
+/// Most tickets one `ticket.list` returns.
+pub const LIST_LIMIT: usize = 500;
+/// Tickets or queues a list or open asks at once.
+const FAN_OUT_CONCURRENCY: usize = 32;
 
 /// How the actor answers: at once, or by a task that runs outside the actor (proposals
 /// and calls to other entities), so one slow request never holds up the next.
@@ -83,6 +116,31 @@ pub fn handle<R: Runtime>(key: &EntityKey, state: Option<&EntityState>, req: Req
             }
         }
         (EntityKey::User(_), Request::Inbox { caller }) => inbox_sync(key.clone(), caller, rt.clone()),
+        (EntityKey::User(_), Request::ListTickets { who, filter }) => list_tickets(who, filter, rt.clone()),
+        (EntityKey::Ticket(_), Request::OpenTickets { who, tickets }) => open_tickets(key, who, tickets, rt),
+        (EntityKey::Ticket(_), Request::Ticket(cmd)) => {
+            let ticket = match state {
+                Some(EntityState::Ticket(t)) => Some(t),
+                _ => None,
+            };
+            if cmd == TicketCommand::Fire(TicketTimer::Outbox) {
+                let outbox = ticket.map(|t| &t.outbox);
+                return deliver_outbox(key, outbox, rt, |results, max_attempts| {
+                    Command::Ticket(TicketCommand::Settle { results, max_attempts })
+                });
+            }
+            match TicketState::check(ticket, &cmd) {
+                Err(r) => Handling::Done(Err(r)),
+                Ok(()) => propose(rt, key, Command::Ticket(cmd)),
+            }
+        }
+        (EntityKey::SkillQueue(_), Request::Queue(cmd)) => {
+            let queue = match state {
+                Some(EntityState::SkillQueue(q)) => Some(q),
+                _ => None,
+            };
+            handle_queue(key, queue, cmd, rt)
+        }
         (key, req) => Handling::Done(Err(Rejection::new(ErrorCode::Internal, format!("{key} cannot handle {req:?}")))),
     }
 }
@@ -92,6 +150,11 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
         return Handling::Done(Err(r));
     }
     let key = EntityKey::Group(id.clone());
+    if cmd == GroupCommand::Fire(GroupTimer::Outbox) {
+        return deliver_outbox(&key, state.map(|g| &g.outbox), rt, |results, max_attempts| {
+            Command::Group(GroupCommand::Settle { results, max_attempts })
+        });
+    }
     match cmd {
         // Reopening: the first open listed the group in every inbox before committing.
         GroupCommand::Open(_) if state.is_some() => {
@@ -134,6 +197,187 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
     }
 }
 
+fn handle_queue<R: Runtime>(key: &EntityKey, queue: Option<&SkillQueueState>, cmd: QueueCommand, rt: &R) -> Handling {
+    match &cmd {
+        QueueCommand::Fire(QueueTimer::Outbox) => {
+            return deliver_outbox(key, queue.map(|q| &q.outbox), rt, |results, max_attempts| {
+                Command::Queue(QueueCommand::Settle { results, max_attempts })
+            });
+        }
+        // A report while the last one is still fresh changes nothing worth a write.
+        QueueCommand::AgentPresent { agent, capacity, lease_ms, grace_ms } => {
+            let fresh = queue.and_then(|q| q.agents.get(agent)).is_some_and(|a| {
+                a.capacity == *capacity
+                    && a.grace_ms == *grace_ms
+                    && a.present(rt.now())
+                    && a.seen_until > rt.now().plus_millis(lease_ms / 2)
+            });
+            if fresh {
+                return Handling::Done(Ok(Reply::Updated { changed: false }));
+            }
+        }
+        _ => {}
+    }
+    match SkillQueueState::check(queue, &cmd) {
+        Err(r) => Handling::Done(Err(r)),
+        Ok(()) => propose(rt, key, Command::Queue(cmd)),
+    }
+}
+
+/// Delivers what the entity's outbox has due, then records how it went. Receivers are
+/// idempotent, so a delivery repeated after a leader change does no harm.
+fn deliver_outbox<R: Runtime>(
+    key: &EntityKey,
+    outbox: Option<&Outbox>,
+    rt: &R,
+    settle: fn(Vec<(u64, DeliveryResult)>, u32) -> Command,
+) -> Handling {
+    let due = outbox.map(|o| o.due(rt.now())).unwrap_or_default();
+    let (key, rt) = (key.clone(), rt.clone());
+    Handling::Task(Box::pin(async move {
+        let deliveries = due.into_iter().map(|p| {
+            let rt = rt.clone();
+            async move {
+                let result = match &p.delivery {
+                    Delivery::Webhook(hook) => match rt.webhook(hook).await {
+                        Ok(_) => DeliveryResult::Delivered,
+                        Err(_) => DeliveryResult::Failed,
+                    },
+                    Delivery::Request { key, request } => match rt.request(key.clone(), request.clone()).await {
+                        Ok(_) => DeliveryResult::Delivered,
+                        Err(r) => DeliveryResult::of_rejection(r.code),
+                    },
+                };
+                (p.id, result)
+            }
+        });
+        let results = futures::future::join_all(deliveries).await;
+        // Settling with no results still re-arms the timer from the state.
+        rt.propose(key, settle(results, rt.config().webhook_max_attempts)).await?;
+        Ok(Reply::Fired)
+    }))
+}
+
+fn open_tickets<R: Runtime>(key: &EntityKey, who: Principal, tickets: Vec<(TicketId, OpenTicket)>, rt: &R) -> Handling {
+    let (key, rt) = (key.clone(), rt.clone());
+    Handling::Task(Box::pin(async move {
+        // Linking a group takes being able to read it.
+        if let Some(group) = tickets.iter().find_map(|(_, o)| o.group.clone()) {
+            rt.query(EntityKey::Group(group), Query::GroupInfo { caller: who.caller() }).await?;
+        }
+        let ids = tickets.iter().map(|(id, _)| id.clone()).collect();
+        let max_tickets = rt.config().tickets.max_tickets_per_user;
+        let listed = UserCommand::AddTickets { tickets: ids, max_tickets };
+        rt.request(EntityKey::User(who.user.clone()), Request::User(listed)).await?;
+        let opens = tickets.into_iter().map(|(id, open)| {
+            let ticket = EntityKey::Ticket(id);
+            let cmd = TicketCommand::Open(open);
+            if ticket == key {
+                rt.propose(ticket, Command::Ticket(cmd))
+            } else {
+                rt.request(ticket, Request::Ticket(cmd))
+            }
+        });
+        let mut opened = Vec::new();
+        for reply in futures::future::join_all(opens).await {
+            match reply? {
+                Reply::TicketOpened { summary, .. } => opened.push(summary),
+                other => {
+                    return Err(Rejection::new(ErrorCode::Internal, format!("opening a ticket answered {other:?}")));
+                }
+            }
+        }
+        Ok(Reply::TicketsOpened { tickets: opened })
+    }))
+}
+
+/// Agents see their skill groups' tickets, admins every group's, customers their own.
+fn list_tickets<R: Runtime>(who: Principal, filter: TicketFilter, rt: R) -> Handling {
+    Handling::Task(Box::pin(async move {
+        use futures::StreamExt;
+        let staff = who.has(Role::Admin) || who.has(Role::Agent);
+        let mut found: Vec<TicketSummary> = Vec::new();
+        if staff {
+            let mut groups =
+                if who.has(Role::Admin) { rt.config().tickets.rules.skill_groups() } else { who.skills.clone() };
+            if let Some(only) = &filter.skill_group {
+                if !groups.contains(only) {
+                    return Err(Rejection::forbidden(format!("{only} is not one of your skill groups")));
+                }
+                groups = vec![only.clone()];
+            }
+            let lists: Vec<_> = futures::stream::iter(groups)
+                .map(|g| rt.query(EntityKey::SkillQueue(g), Query::QueueList { who: who.clone() }))
+                .buffered(FAN_OUT_CONCURRENCY)
+                .collect()
+                .await;
+            for list in lists {
+                if let Reply::TicketSummaries(s) = list? {
+                    found.extend(s);
+                }
+            }
+        } else {
+            let Reply::UserTickets(ids) =
+                rt.query(EntityKey::User(who.user.clone()), Query::UserTickets { caller: who.caller() }).await?
+            else {
+                return Err(Rejection::new(ErrorCode::Internal, "a user's tickets answered something else"));
+            };
+            let lists: Vec<_> = futures::stream::iter(ids)
+                .map(|t| rt.query(EntityKey::Ticket(t), Query::TicketSummary { who: who.clone() }))
+                .buffered(FAN_OUT_CONCURRENCY)
+                .collect()
+                .await;
+            for list in lists {
+                if let Ok(Reply::TicketSummaries(s)) = list {
+                    found.extend(s);
+                }
+            }
+        }
+        found.retain(|t| {
+            filter.state.is_none_or(|s| s == t.state)
+                && filter.skill_group.as_ref().is_none_or(|g| *g == t.skill_group)
+                && filter.assignee.as_ref().is_none_or(|a| t.assignee.as_ref() == Some(a))
+        });
+        sort_summaries(&mut found);
+        found.truncate(LIST_LIMIT);
+        Ok(Reply::TicketList { tickets: found })
+    }))
+}
+
+/// What a node tells the domain when a user's first connection there opens, and again
+/// every `presence_refresh_ms` while one stays: agents report to their skill queues.
+pub fn presence(who: &Principal, cfg: &DomainConfig) -> Vec<(EntityKey, Request)> {
+    if !who.has(Role::Agent) {
+        return Vec::new();
+    }
+    let t = &cfg.tickets;
+    who.skills
+        .iter()
+        .map(|skill| {
+            let present = QueueCommand::AgentPresent {
+                agent: who.user.clone(),
+                capacity: t.agent_capacity,
+                lease_ms: t.presence_refresh_ms.saturating_mul(3),
+                grace_ms: t.agent_grace_ms,
+            };
+            (EntityKey::SkillQueue(skill.clone()), Request::Queue(present))
+        })
+        .collect()
+}
+
+/// What a node tells the domain when a user's last connection there closed.
+pub fn absence(who: &Principal) -> Vec<(EntityKey, Request)> {
+    if !who.has(Role::Agent) {
+        return Vec::new();
+    }
+    who.skills
+        .iter()
+        .map(|s| {
+            (EntityKey::SkillQueue(s.clone()), Request::Queue(QueueCommand::AgentAway { agent: who.user.clone() }))
+        })
+        .collect()
+}
+
 /// Most groups an `inbox.sync` queries at once.
 const INBOX_QUERY_CONCURRENCY: usize = 64;
 
@@ -167,8 +411,26 @@ pub fn on_applied<R: Runtime>(
     notices: &[Notice],
     rt: &R,
 ) {
-    let (EntityKey::Group(id), Some(EntityState::Group(g))) = (key, state) else {
-        return;
+    let (id, g) = match (key, state) {
+        (EntityKey::Group(id), Some(EntityState::Group(g))) => (id, g),
+        (EntityKey::Ticket(_), _) => {
+            for n in notices {
+                if let Notice::Ticket(ev) = n {
+                    rt.push(&ev.audience, &Event::Ticket(ev.clone()));
+                }
+            }
+            return;
+        }
+        (EntityKey::SkillQueue(_), Some(EntityState::SkillQueue(q))) => {
+            if notices.contains(&Notice::QueueChanged) {
+                let offers = q.plan_offers(rt.now());
+                if !offers.is_empty() {
+                    rt.spawn(rt.propose(key.clone(), Command::Queue(QueueCommand::Offer { offers })));
+                }
+            }
+            return;
+        }
+        _ => return,
     };
     let mut audience: Vec<UserId> = g.member_ids().cloned().collect();
     // Someone removed still gets the entry that says so.

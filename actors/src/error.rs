@@ -83,8 +83,8 @@ impl Limit {
 pub struct Rejection {
     pub code: ErrorCode,
     pub message: String,
-    /// The limit that refused it, if one did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The limit that refused it, if one did. (Never skipped when serialized: rejections
+    /// cross nodes in a binary encoding that cannot leave fields out.)
     pub limit: Option<Limit>,
 }
 

@@ -6,12 +6,14 @@ use serde_json::value::RawValue;
 
 use crate::group::{Entry, Seq};
 use crate::ids::{GroupId, UserId};
+use crate::ticket::TicketEvent;
 
 /// A pushed event. Pushes are best effort; `msg.sync` is the guarantee.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Msg { group: GroupId, entry: Entry },
     Receipt { group: GroupId, user: UserId, read_seq: Seq },
+    Ticket(TicketEvent),
 }
 
 impl Event {
@@ -39,6 +41,15 @@ impl Serialize for Event {
                 m.serialize_entry("read_seq", read_seq)?;
                 m.end()
             }
+            Event::Ticket(ev) => {
+                #[derive(Serialize)]
+                struct Tagged<'a> {
+                    ev: &'static str,
+                    #[serde(flatten)]
+                    ticket: &'a TicketEvent,
+                }
+                Tagged { ev: "ticket", ticket: ev }.serialize(s)
+            }
         }
     }
 }
@@ -51,6 +62,23 @@ impl Serialize for WireEntry<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(None)?;
         write_entry_fields(&mut m, self.0)?;
+        m.end()
+    }
+}
+
+/// One line of a ticket's history as `ticket.get` returns it: `{seq, by, at, event}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireHistoryLine<'a>(pub &'a Entry);
+
+impl Serialize for WireHistoryLine<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("seq", &e.seq)?;
+        m.serialize_entry("by", &e.from)?;
+        m.serialize_entry("at", &e.ts)?;
+        let event: &RawValue = serde_json::from_str(&e.body.json).map_err(serde::ser::Error::custom)?;
+        m.serialize_entry("event", event)?;
         m.end()
     }
 }

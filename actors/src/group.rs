@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::body::{MemberSpec, MessageBody, SystemEvent};
 use crate::entity::{Applied, Caller, StorageFault, Timestamp};
 use crate::error::{Limit, Rejection};
-use crate::ids::{ClientMsgId, GroupId, SYSTEM_USER, UserId};
+use crate::ids::{ClientMsgId, GroupId, UserId, system_user};
+use crate::outbox::{Delivery, DeliveryResult, Outbox, Webhook};
 
 /// Position in a group's log. The first entry is 1; 0 means "nothing yet".
 pub type Seq = u64;
@@ -100,7 +101,11 @@ pub struct ReceiptWatch {
 /// Deadlines a group keeps. Stored in the state; the leader arms them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum GroupTimer {
-    ReceiptOverdue { seq: Seq },
+    ReceiptOverdue {
+        seq: Seq,
+    },
+    /// The group's outbox has deliveries due.
+    Outbox,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +121,7 @@ pub struct GroupState {
     pub last_seq: Seq,
     pub receipt_watches: BTreeMap<Seq, ReceiptWatch>,
     pub limits: GroupLimits,
+    pub outbox: Outbox,
 }
 
 /// One entry of a group's log, as stored and served.
@@ -131,6 +137,8 @@ pub struct Entry {
 
 /// What `apply` needs from the group's stored log.
 pub trait GroupLog {
+    /// The group being applied to.
+    fn group_id(&self) -> &GroupId;
     /// The seq and timestamp already assigned to (sender, client_msg_id) in this group.
     fn find_client_msg(&self, sender: &UserId, id: &ClientMsgId) -> Result<Option<(Seq, Timestamp)>, StorageFault>;
 }
@@ -183,8 +191,15 @@ pub enum GroupCommand {
     Fire(GroupTimer),
     /// Another entity (a ticket) writes a system entry into the group. The body is
     /// rendered before proposing: system events are JSON-tagged and the log stores bytes.
+    /// A note with an id is written once, however often it is delivered.
     Note {
         body: MessageBody,
+        note_id: Option<ClientMsgId>,
+    },
+    /// How the outbox's deliveries went.
+    Settle {
+        results: Vec<(u64, DeliveryResult)>,
+        max_attempts: u32,
     },
 }
 
@@ -287,10 +302,6 @@ pub struct Receipts {
 }
 
 pub type GroupApplied = Applied<GroupReply, GroupEffect>;
-
-fn system_user() -> UserId {
-    UserId::parse(SYSTEM_USER).expect("the system user id is valid")
-}
 
 /// Members, then admins, may read a group. Nobody else learns whether it exists.
 pub fn authorize_read<'a>(state: Option<&'a GroupState>, caller: &Caller) -> Result<&'a GroupState, Rejection> {
@@ -403,6 +414,13 @@ impl GroupState {
         seq
     }
 
+    fn arm_outbox(&self, out: &mut Vec<GroupEffect>) {
+        out.push(match self.outbox.next_due() {
+            Some(due) => GroupEffect::TimerSet { timer: GroupTimer::Outbox, due },
+            None => GroupEffect::TimerCleared { timer: GroupTimer::Outbox },
+        });
+    }
+
     /// Drops receipt watches every other member has now read, and says so.
     fn settle_watches(&mut self, out: &mut Vec<GroupEffect>) {
         let members = &self.members;
@@ -425,7 +443,9 @@ impl GroupState {
         let Some(s) = state else {
             return match cmd {
                 GroupCommand::Open(open) => check_open(open),
-                GroupCommand::Fire(_) | GroupCommand::Note { .. } => Err(Rejection::not_found("no such group")),
+                GroupCommand::Fire(_) | GroupCommand::Note { .. } | GroupCommand::Settle { .. } => {
+                    Err(Rejection::not_found("no such group"))
+                }
                 _ => Err(not_a_member()),
             };
         };
@@ -499,7 +519,7 @@ impl GroupState {
                 }
                 Ok(())
             }
-            GroupCommand::Fire(_) | GroupCommand::Note { .. } => Ok(()),
+            GroupCommand::Fire(_) | GroupCommand::Note { .. } | GroupCommand::Settle { .. } => Ok(()),
         }
     }
 
@@ -626,12 +646,41 @@ impl GroupState {
                         &SystemEvent::ReceiptOverdue { seq, pending: pending.clone() },
                         &mut effects,
                     );
+                    let hook = serde_json::json!({
+                        "event": "group.receipt_overdue",
+                        "idempotency_key": format!("group/{}/receipt_overdue/{seq}", log.group_id()),
+                        "group": log.group_id(),
+                        "seq": seq,
+                        "from": watch.from,
+                        "pending": pending,
+                        "at": at,
+                    });
+                    let hook = Webhook {
+                        idempotency_key: format!("group/{}/receipt_overdue/{seq}", log.group_id()),
+                        event: "group.receipt_overdue".into(),
+                        json: hook.to_string(),
+                    };
+                    s.outbox.push(Delivery::Webhook(hook), at);
+                    s.arm_outbox(&mut effects);
                     effects.push(GroupEffect::ReceiptOverdue { seq, pending });
                 }
                 GroupReply::Fired
             }
-            GroupCommand::Note { body } => {
-                let entry = s.append(system_user(), at, None, body, false);
+            GroupCommand::Fire(GroupTimer::Outbox) => return Ok(Applied::unchanged(GroupReply::Fired)),
+            GroupCommand::Settle { results, max_attempts } => {
+                if !s.outbox.settle(&results, at, max_attempts) {
+                    return Ok(Applied::unchanged(GroupReply::Updated { changed: false }));
+                }
+                s.arm_outbox(&mut effects);
+                GroupReply::Updated { changed: true }
+            }
+            GroupCommand::Note { body, note_id } => {
+                if let Some(id) = &note_id
+                    && let Some((seq, _)) = log.find_client_msg(&system_user(), id)?
+                {
+                    return Ok(Applied::unchanged(GroupReply::Noted { seq }));
+                }
+                let entry = s.append(system_user(), at, note_id, body, false);
                 let seq = entry.seq;
                 effects.push(GroupEffect::Append(entry));
                 GroupReply::Noted { seq }
@@ -659,6 +708,7 @@ impl GroupState {
             last_seq: 0,
             receipt_watches: BTreeMap::new(),
             limits: open.limits,
+            outbox: Outbox::default(),
         };
         let listed = s.members.iter().map(|(user, m)| MemberSpec { user: user.clone(), role: m.role }).collect();
         for user in s.members.keys() {

@@ -112,6 +112,10 @@ define_id!(
 /// Tokens with this `sub` are refused so no client can impersonate it.
 pub const SYSTEM_USER: &str = "system";
 
+pub fn system_user() -> UserId {
+    UserId::parse(SYSTEM_USER).expect("the system user id is valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

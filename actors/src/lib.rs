@@ -17,7 +17,10 @@ pub mod event;
 pub mod group;
 pub mod ids;
 pub mod ops;
+pub mod outbox;
 pub mod principal;
+pub mod queue;
+pub mod ticket;
 pub mod user;
 
 pub use entity::{Applied, Caller, EntityKey, EntityKind, StorageFault, Timestamp};

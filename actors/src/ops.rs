@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::behavior::Request;
+use crate::behavior::{Request, TicketFilter};
 use crate::body::{Body, MemberSpec};
 use crate::domain::{DomainConfig, Query};
 use crate::entity::EntityKey;
@@ -14,8 +14,9 @@ use crate::error::{Limit, Rejection};
 use crate::group::{
     self, ExceptionType, GroupCommand, GroupKind, MAX_RESOLUTION_CHARS, MemberRole, OpenGroup, SendMessage, Seq,
 };
-use crate::ids::{ClientMsgId, GroupId, UserId};
+use crate::ids::{ClientMsgId, GroupId, SkillGroup, TicketId, UserId};
 use crate::principal::Principal;
+use crate::ticket::{self, OpenTicket, TicketCommand, TicketStatus};
 
 /// Where a parsed operation goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +48,16 @@ pub const OPS: &[&str] = &[
     "msg.read",
     "msg.receipts",
     "inbox.sync",
+    "ticket.open",
+    "ticket.get",
+    "ticket.list",
+    "ticket.claim",
+    "ticket.reply",
+    "ticket.propose",
+    "ticket.confirm",
+    "ticket.escalate",
+    "ticket.rate",
+    "ticket.close",
 ];
 
 fn args<T: DeserializeOwned>(op: &str, fields: &Map<String, Value>) -> Result<T, Rejection> {
@@ -113,6 +124,100 @@ struct SeqArgs {
     seq: Seq,
 }
 
+#[derive(Deserialize)]
+struct TicketOpenArgs {
+    subject: String,
+    #[serde(default)]
+    description: String,
+    order_id: Option<String>,
+    group: Option<GroupId>,
+    ticket: Option<TicketId>,
+}
+
+#[derive(Deserialize)]
+struct TicketArg {
+    ticket: TicketId,
+}
+
+#[derive(Deserialize)]
+struct TicketGetArgs {
+    ticket: TicketId,
+    history_limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct TicketTextArgs {
+    ticket: TicketId,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct TicketProposeArgs {
+    ticket: TicketId,
+    solution: String,
+}
+
+#[derive(Deserialize)]
+struct TicketConfirmArgs {
+    ticket: TicketId,
+    accepted: bool,
+}
+
+#[derive(Deserialize)]
+struct TicketEscalateArgs {
+    ticket: TicketId,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+struct TicketRateArgs {
+    ticket: TicketId,
+    score: u8,
+    #[serde(default)]
+    comment: String,
+}
+
+#[derive(Deserialize)]
+struct TicketListArgs {
+    state: Option<TicketStatus>,
+    skill_group: Option<SkillGroup>,
+    assignee: Option<UserId>,
+}
+
+/// `text` is 1..=`max` characters (`allow_empty`: 0 is fine too).
+fn text_arg(op: &str, name: &str, text: &str, max: usize, allow_empty: bool) -> Result<(), Rejection> {
+    let len = text.chars().count();
+    if (!allow_empty && text.trim().is_empty()) || len > max {
+        let least = if allow_empty { 0 } else { 1 };
+        return Err(Rejection::bad_request(format!("{op}: {name} must be {least} to {max} characters, got {len}")));
+    }
+    Ok(())
+}
+
+/// The ids of the tickets one open creates: the client's id (then `id.2`, `id.3`, ... for
+/// further categories), or fresh ones.
+fn ticket_ids(
+    given: Option<TicketId>,
+    n: usize,
+    fresh_id: &mut impl FnMut(&str) -> String,
+) -> Result<Vec<TicketId>, Rejection> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = match (&given, i) {
+            (Some(t), 0) => t.clone(),
+            (Some(t), i) => TicketId::parse(&format!("{t}.{}", i + 1)).map_err(|e| {
+                Rejection::bad_request(format!(
+                    "ticket.open: the text opens {n} tickets and {t}.{} is no ticket id: {e}",
+                    i + 1
+                ))
+            })?,
+            (None, _) => TicketId::parse(&fresh_id("t")).expect("generated ids use the id grammar"),
+        };
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Parses `op` with the frame's other fields. `fresh_group_id` names a group the client
 /// did not name.
 pub fn parse(
@@ -120,11 +225,15 @@ pub fn parse(
     fields: &Map<String, Value>,
     who: &Principal,
     cfg: &DomainConfig,
-    fresh_group_id: impl FnOnce() -> GroupId,
+    mut fresh_id: impl FnMut(&str) -> String,
 ) -> Result<Route, Rejection> {
     let caller = who.caller();
     let actor =
         |group: GroupId, cmd: GroupCommand| Route::Actor { key: EntityKey::Group(group), request: Request::Group(cmd) };
+    let ticket_actor = |ticket: TicketId, cmd: TicketCommand| Route::Actor {
+        key: EntityKey::Ticket(ticket),
+        request: Request::Ticket(cmd),
+    };
     let query = |group: GroupId, query: Query| Route::Query { key: EntityKey::Group(group), query };
     Ok(match op {
         "group.open" => {
@@ -147,7 +256,11 @@ pub fn parse(
                 limits: cfg.group,
             };
             group::check_open(&open).map_err(|r| Rejection { message: format!("group.open: {}", r.message), ..r })?;
-            actor(a.group.unwrap_or_else(fresh_group_id), GroupCommand::Open(open))
+            let group = match a.group {
+                Some(g) => g,
+                None => GroupId::parse(&fresh_id("g")).expect("generated ids use the id grammar"),
+            };
+            actor(group, GroupCommand::Open(open))
         }
         "group.invite" => {
             let a: InviteArgs = args(op, fields)?;
@@ -212,6 +325,92 @@ pub fn parse(
             query(a.group, Query::GroupReceipts { caller, seq: a.seq })
         }
         "inbox.sync" => Route::Actor { key: EntityKey::User(caller.user.clone()), request: Request::Inbox { caller } },
+        "ticket.open" => {
+            let a: TicketOpenArgs = args(op, fields)?;
+            text_arg(op, "subject", &a.subject, ticket::MAX_SUBJECT_CHARS, false)?;
+            text_arg(op, "description", &a.description, ticket::MAX_TEXT_CHARS, true)?;
+            if let Some(order) = &a.order_id {
+                text_arg(op, "order_id", order, crate::ids::MAX_ID_LEN, false)?;
+            }
+            let t = &cfg.tickets;
+            let classes = ticket::classify(&t.rules, &a.subject, &a.description, who.tier);
+            let ids = ticket_ids(a.ticket, classes.len(), &mut fresh_id)?;
+            let tickets: Vec<(TicketId, OpenTicket)> = ids
+                .into_iter()
+                .zip(classes)
+                .map(|(id, class)| {
+                    let open = OpenTicket {
+                        customer: who.user.clone(),
+                        tier: who.tier,
+                        subject: a.subject.clone(),
+                        description: a.description.clone(),
+                        order_id: a.order_id.clone(),
+                        group: a.group.clone(),
+                        class,
+                        review_of: None,
+                        settings: t.settings,
+                    };
+                    (id, open)
+                })
+                .collect();
+            let first = tickets[0].0.clone();
+            Route::Actor { key: EntityKey::Ticket(first), request: Request::OpenTickets { who: who.clone(), tickets } }
+        }
+        "ticket.get" => {
+            let a: TicketGetArgs = args(op, fields)?;
+            let most = cfg.tickets.settings.max_history + 64;
+            let history_limit = a.history_limit.unwrap_or(most);
+            if history_limit == 0 || history_limit > most {
+                return Err(Rejection::bad_request(format!("ticket.get: history_limit must be within 1..{most}")));
+            }
+            Route::Query {
+                key: EntityKey::Ticket(a.ticket),
+                query: Query::TicketGet { who: who.clone(), history_limit },
+            }
+        }
+        "ticket.list" => {
+            let a: TicketListArgs = args(op, fields)?;
+            let filter = TicketFilter { state: a.state, skill_group: a.skill_group, assignee: a.assignee };
+            Route::Actor {
+                key: EntityKey::User(who.user.clone()),
+                request: Request::ListTickets { who: who.clone(), filter },
+            }
+        }
+        "ticket.claim" => {
+            let a: TicketArg = args(op, fields)?;
+            ticket_actor(a.ticket, TicketCommand::Claim { by: who.clone() })
+        }
+        "ticket.reply" => {
+            let a: TicketTextArgs = args(op, fields)?;
+            text_arg(op, "text", &a.text, cfg.body.max_text_chars, false)?;
+            ticket_actor(a.ticket, TicketCommand::Reply { by: who.clone(), text: a.text })
+        }
+        "ticket.propose" => {
+            let a: TicketProposeArgs = args(op, fields)?;
+            text_arg(op, "solution", &a.solution, ticket::MAX_TEXT_CHARS, false)?;
+            ticket_actor(a.ticket, TicketCommand::Propose { by: who.clone(), solution: a.solution })
+        }
+        "ticket.confirm" => {
+            let a: TicketConfirmArgs = args(op, fields)?;
+            ticket_actor(a.ticket, TicketCommand::Confirm { by: who.clone(), accepted: a.accepted })
+        }
+        "ticket.escalate" => {
+            let a: TicketEscalateArgs = args(op, fields)?;
+            text_arg(op, "reason", &a.reason, ticket::MAX_REASON_CHARS, false)?;
+            ticket_actor(a.ticket, TicketCommand::Escalate { by: who.clone(), reason: a.reason })
+        }
+        "ticket.rate" => {
+            let a: TicketRateArgs = args(op, fields)?;
+            if !(1..=5).contains(&a.score) {
+                return Err(Rejection::bad_request(format!("ticket.rate: score must be 1 to 5, got {}", a.score)));
+            }
+            text_arg(op, "comment", &a.comment, ticket::MAX_REASON_CHARS, true)?;
+            ticket_actor(a.ticket, TicketCommand::Rate { by: who.clone(), score: a.score, comment: a.comment })
+        }
+        "ticket.close" => {
+            let a: TicketArg = args(op, fields)?;
+            ticket_actor(a.ticket, TicketCommand::Close { by: who.clone() })
+        }
         other => {
             return Err(Rejection::bad_request(format!(
                 "unknown op {other:?}; known ops: hello, ping, {}",
@@ -232,7 +431,7 @@ mod tests {
 
     fn parse_json(op: &str, json: &str) -> Result<Route, Rejection> {
         let fields: Map<String, Value> = serde_json::from_str(json).unwrap();
-        parse(op, &fields, &who(), &DomainConfig::default(), || GroupId::parse("g-fresh").unwrap())
+        parse(op, &fields, &who(), &DomainConfig::default(), |p| format!("{p}-fresh"))
     }
 
     #[test]
@@ -304,7 +503,7 @@ mod limit_tests {
         let cfg = DomainConfig { body: crate::body::BodyLimits { max_text_chars: 3 }, ..DomainConfig::default() };
         let parse_json = |op: &str, json: &str| {
             let fields: Map<String, Value> = serde_json::from_str(json).unwrap();
-            parse(op, &fields, &who, &cfg, || GroupId::parse("g").unwrap())
+            parse(op, &fields, &who, &cfg, |p| p.to_string())
         };
         let long = parse_json("msg.send", r#"{"group":"g","client_msg_id":"c","body":{"type":"text","text":"four"}}"#);
         assert_eq!(long.unwrap_err().limit, Some(Limit::MaxTextChars));

@@ -11,11 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::entity::Applied;
 use crate::error::Rejection;
-use crate::ids::GroupId;
+use crate::ids::{GroupId, TicketId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct UserState {
     pub groups: BTreeSet<GroupId>,
+    /// Tickets the user opened as a customer.
+    #[serde(default)]
+    pub tickets: BTreeSet<TicketId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +30,11 @@ pub enum UserCommand {
     },
     Forget {
         group: GroupId,
+    },
+    /// List tickets the user opens, unless that would exceed `max_tickets`.
+    AddTickets {
+        tickets: Vec<TicketId>,
+        max_tickets: u32,
     },
 }
 
@@ -51,6 +59,17 @@ impl UserState {
                 Ok(())
             }
             UserCommand::Forget { .. } => Ok(()),
+            UserCommand::AddTickets { tickets, max_tickets } => {
+                let listed = state.map(|s| &s.tickets);
+                let new = tickets.iter().filter(|t| !listed.is_some_and(|l| l.contains(*t))).count();
+                let count = listed.map_or(0, |l| l.len());
+                if new > 0 && (count + new) as u64 > u64::from(*max_tickets) {
+                    return Err(Rejection::conflict(format!(
+                        "the user has opened {count} tickets; {max_tickets} is the limit"
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -62,6 +81,13 @@ impl UserState {
         let changed = match cmd {
             UserCommand::Join { group, .. } => s.groups.insert(group),
             UserCommand::Forget { group } => s.groups.remove(&group),
+            UserCommand::AddTickets { tickets, .. } => {
+                let mut added = false;
+                for t in tickets {
+                    added |= s.tickets.insert(t);
+                }
+                added
+            }
         };
         if changed {
             Applied::changed(UserReply::Updated { changed }, Vec::new())

@@ -27,5 +27,5 @@ pub use error::ConfigError;
 pub use load::ENV_PREFIX;
 pub use schema::{
     AdminConfig, AuthConfig, ChaosConfig, ClientConfig, ClusterConfig, Config, LimitsConfig, LogFormat, NodeConfig,
-    OtlpProtocol, RaftConfig, StorageConfig, TelemetryConfig, TimeoutsConfig, WebhooksConfig,
+    OtlpProtocol, RaftConfig, StorageConfig, TelemetryConfig, TicketsConfig, TimeoutsConfig, WebhooksConfig,
 };

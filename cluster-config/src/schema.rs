@@ -32,6 +32,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub chaos: ChaosConfig,
     pub webhooks: WebhooksConfig,
+    pub tickets: TicketsConfig,
 }
 
 /// `[node]`: identity and local state.
@@ -345,12 +346,167 @@ pub struct WebhooksConfig {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub max_attempts: u32,
-    /// Events buffered while the receiver is slow or down.
+    /// Delivery attempts in flight at once on one node; more fail at once and are retried
+    /// with backoff (undelivered events wait in their entity's replicated outbox).
     pub queue: usize,
 }
 
 impl Default for WebhooksConfig {
     fn default() -> Self {
         Self { url: None, secret: None, timeout: Duration::from_secs(5), max_attempts: 8, queue: 10_000 }
+    }
+}
+
+/// Ticket priorities, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketPriority {
+    Low,
+    Normal,
+    High,
+    Urgent,
+}
+
+/// One SLA: how long until the first agent response and until resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaTimes {
+    #[serde(with = "humantime_serde")]
+    pub first_response: Duration,
+    #[serde(with = "humantime_serde")]
+    pub resolution: Duration,
+}
+
+/// `[tickets.sla]`: deadlines per priority.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlaConfig {
+    pub urgent: SlaTimes,
+    pub high: SlaTimes,
+    pub normal: SlaTimes,
+    pub low: SlaTimes,
+}
+
+impl Default for SlaConfig {
+    fn default() -> Self {
+        let sla = |first_mins: u64, resolution_hours: u64| SlaTimes {
+            first_response: Duration::from_secs(first_mins * 60),
+            resolution: Duration::from_secs(resolution_hours * 3600),
+        };
+        Self { urgent: sla(10, 1), high: sla(30, 2), normal: sla(120, 24), low: sla(480, 72) }
+    }
+}
+
+/// `[[tickets.categories]]`: a classification rule. A ticket's subject and description
+/// match it when they contain any keyword (case-insensitive substring).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryConfig {
+    /// `a-z`, `0-9` and `_`, such as `fee_dispute`.
+    pub name: String,
+    /// The agents' skill group that works these tickets.
+    pub skill_group: String,
+    pub priority: TicketPriority,
+    #[serde(default)]
+    pub keywords: Vec<String>,
+}
+
+/// `[tickets]`: support cases, skill queues and their clocks.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketsConfig {
+    /// Open tickets one agent works at once before the queue stops assigning to them.
+    pub agent_capacity: u32,
+    /// An agent disconnected this long has their open tickets returned to the queue.
+    #[serde(with = "humantime_serde")]
+    pub agent_grace: Duration,
+    /// How often a node tells the skill queues which agents are connected to it; an
+    /// agent not reported for three of these counts as disconnected.
+    #[serde(with = "humantime_serde")]
+    pub presence_refresh: Duration,
+    /// Tickets one customer may have opened.
+    pub max_tickets_per_user: u32,
+    /// History entries (replies and changes) one ticket keeps; replies beyond it are refused.
+    pub max_history: u32,
+    /// Words that raise a ticket's priority one step (case-insensitive substrings).
+    pub urgency_words: Vec<String>,
+    pub sla: SlaConfig,
+    /// Matched in order; text that matches several opens one ticket per category.
+    pub categories: Vec<CategoryConfig>,
+    /// Where text that matches no category goes.
+    pub fallback: CategoryConfig,
+}
+
+fn category(name: &str, skill_group: &str, priority: TicketPriority, keywords: &[&str]) -> CategoryConfig {
+    CategoryConfig {
+        name: name.into(),
+        skill_group: skill_group.into(),
+        priority,
+        keywords: keywords.iter().map(|k| k.to_string()).collect(),
+    }
+}
+
+impl Default for TicketsConfig {
+    fn default() -> Self {
+        use TicketPriority::*;
+        Self {
+            agent_capacity: 5,
+            agent_grace: Duration::from_secs(120),
+            presence_refresh: Duration::from_secs(5),
+            max_tickets_per_user: 1000,
+            max_history: 500,
+            urgency_words: ["紧急", "加急", "急", "马上", "立刻", "尽快", "urgent", "asap", "immediately", "emergency"]
+                .iter()
+                .map(|w| w.to_string())
+                .collect(),
+            sla: SlaConfig::default(),
+            categories: vec![
+                category(
+                    "delivery_delay",
+                    "delivery",
+                    High,
+                    &["延误", "迟到", "未按约定时间", "超时未到", "还没到", "没送到", "delay", "late", "not arrived"],
+                ),
+                category(
+                    "damaged_goods",
+                    "damage",
+                    High,
+                    &["破损", "损坏", "摔坏", "压坏", "damaged", "broken", "crushed"],
+                ),
+                category("lost_goods", "damage", Urgent, &["丢失", "丢件", "找不到货", "少件", "lost", "missing"]),
+                category(
+                    "fee_dispute",
+                    "fee",
+                    Normal,
+                    &["运费", "超时费", "多收费", "乱收费", "收费", "overcharge", "fee", "charged twice"],
+                ),
+                category(
+                    "address_change",
+                    "delivery",
+                    Normal,
+                    &["改地址", "修改地址", "地址变更", "换地址", "change address", "address change", "wrong address"],
+                ),
+                category(
+                    "service_attitude",
+                    "quality",
+                    Normal,
+                    &["态度", "恶劣", "骂人", "不耐烦", "rude", "attitude", "impolite"],
+                ),
+                category("refund", "fee", Normal, &["退款", "退钱", "退费", "refund", "money back"]),
+                category(
+                    "driver_no_show",
+                    "delivery",
+                    High,
+                    &["司机没来", "没有上门", "未上门", "放鸽子", "爽约", "no-show", "no show", "didn't show up"],
+                ),
+                category(
+                    "receipt_proof",
+                    "delivery",
+                    Low,
+                    &["回单", "拍照", "签收照片", "签收证明", "proof of delivery", "receipt photo", "pod"],
+                ),
+            ],
+            fallback: category("other", "general", Normal, &[]),
+        }
     }
 }

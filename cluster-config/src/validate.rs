@@ -9,12 +9,15 @@ use std::time::Duration;
 use crate::error::ConfigError;
 use crate::schema::{
     AuthConfig, ClientConfig, ClusterConfig, Config, LimitsConfig, NodeConfig, RaftConfig, StorageConfig,
-    TelemetryConfig, TimeoutsConfig, WebhooksConfig,
+    TelemetryConfig, TicketsConfig, TimeoutsConfig, WebhooksConfig,
 };
 
 const MIB: usize = 1024 * 1024;
 const MIN_AUTH_SECRET_BYTES: usize = 32;
 const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+const MAX_CATEGORIES: usize = 32;
+const MAX_KEYWORDS: usize = 64;
+const MAX_KEYWORD_CHARS: usize = 64;
 /// Upper bound of `limits.sync_limit_max`, fixed by the client protocol.
 const PROTOCOL_SYNC_LIMIT: u32 = 500;
 
@@ -34,6 +37,7 @@ impl Config {
         timeouts(&self.timeouts)?;
         telemetry(&self.telemetry)?;
         webhooks(&self.webhooks)?;
+        tickets(&self.tickets)?;
         Ok(())
     }
 }
@@ -207,6 +211,66 @@ fn webhooks(w: &WebhooksConfig) -> Check {
     positive_duration("webhooks.timeout", w.timeout)?;
     positive("webhooks.max_attempts", w.max_attempts)?;
     positive("webhooks.queue", w.queue)
+}
+
+fn tickets(t: &TicketsConfig) -> Check {
+    positive("tickets.agent_capacity", t.agent_capacity)?;
+    positive_duration("tickets.agent_grace", t.agent_grace)?;
+    positive_duration("tickets.presence_refresh", t.presence_refresh)?;
+    positive("tickets.max_tickets_per_user", t.max_tickets_per_user)?;
+    positive("tickets.max_history", t.max_history)?;
+    ensure(t.urgency_words.len() <= MAX_KEYWORDS, "tickets.urgency_words", t.urgency_words.len(), || {
+        format!("lists too many words: at most {MAX_KEYWORDS}")
+    })?;
+    for w in &t.urgency_words {
+        keyword("tickets.urgency_words", w)?;
+    }
+    for (name, sla) in [("urgent", t.sla.urgent), ("high", t.sla.high), ("normal", t.sla.normal), ("low", t.sla.low)] {
+        positive_duration(&format!("tickets.sla.{name}.first_response"), sla.first_response)?;
+        ensure(
+            sla.resolution >= sla.first_response,
+            &format!("tickets.sla.{name}.resolution"),
+            duration(sla.resolution),
+            || "must not be shorter than first_response".into(),
+        )?;
+    }
+    ensure((1..=MAX_CATEGORIES).contains(&t.categories.len()), "tickets.categories", t.categories.len(), || {
+        format!("must list 1 to {MAX_CATEGORIES} categories")
+    })?;
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in t.categories.iter().chain(std::iter::once(&t.fallback)).enumerate() {
+        let at = if i < t.categories.len() { format!("tickets.categories[{i}]") } else { "tickets.fallback".into() };
+        let name_ok = (1..=32).contains(&c.name.len())
+            && c.name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
+        ensure(name_ok, &format!("{at}.name"), quoted(&c.name), || {
+            "must be 1 to 32 characters of a-z, 0-9 and '_' (for example \"fee_dispute\")".into()
+        })?;
+        ensure(names.insert(c.name.clone()), &format!("{at}.name"), quoted(&c.name), || {
+            "names another category already: category names must be unique".into()
+        })?;
+        let skill_ok = (1..=64).contains(&c.skill_group.len())
+            && c.skill_group.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | ':' | '-'));
+        ensure(skill_ok, &format!("{at}.skill_group"), quoted(&c.skill_group), || {
+            "must be 1 to 64 characters of A-Z a-z 0-9 _ . : - (for example \"fee\")".into()
+        })?;
+        ensure(c.keywords.len() <= MAX_KEYWORDS, &format!("{at}.keywords"), c.keywords.len(), || {
+            format!("lists too many keywords: at most {MAX_KEYWORDS}")
+        })?;
+        ensure(i == t.categories.len() || !c.keywords.is_empty(), &format!("{at}.keywords"), "[]", || {
+            "must list at least one keyword (only the fallback matches without one)".into()
+        })?;
+        for k in &c.keywords {
+            keyword(&format!("{at}.keywords"), k)?;
+        }
+    }
+    Ok(())
+}
+
+fn keyword(key: &str, word: &str) -> Check {
+    let len = word.chars().count();
+    ensure(!word.trim().is_empty() && len <= MAX_KEYWORD_CHARS, key, quoted(word), || {
+        format!("each entry must be 1 to {MAX_KEYWORD_CHARS} characters and not blank")
+    })
 }
 
 // Rule helpers.

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_actors::body::BodyLimits;
-use convoy_actors::domain::DomainConfig;
+use convoy_actors::domain::{DomainConfig, TicketsConfig};
 use convoy_actors::group::GroupLimits;
+use convoy_actors::ids::SkillGroup;
+use convoy_actors::ticket::{Category, Priority, Rules, Sla, SlaTable, TicketSettings};
 use convoy_config::Config;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -32,6 +34,7 @@ use crate::gateway::{self, Gateway, GatewayLimits, auth::TokenKeys, hub::Hub};
 use crate::router::Router;
 use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings};
 use crate::store::{Durability, Store, StoreError, WriterLimits, keys};
+use crate::webhook::WebhookSender;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -122,6 +125,45 @@ pub fn domain_config(cfg: &Config) -> DomainConfig {
         max_groups_per_user: cfg.limits.max_groups_per_user,
         receipt_timeout_ms: cfg.timeouts.receipt_timeout.as_millis() as u64,
         sync_limit_max: cfg.limits.sync_limit_max,
+        tickets: tickets_config(&cfg.tickets),
+        webhook_max_attempts: cfg.webhooks.max_attempts,
+    }
+}
+
+/// The configured ticket rules and clocks in the domain's terms (validated already).
+fn tickets_config(t: &convoy_config::TicketsConfig) -> TicketsConfig {
+    use convoy_config::schema::{CategoryConfig, SlaTimes, TicketPriority};
+    let priority = |p: TicketPriority| match p {
+        TicketPriority::Low => Priority::Low,
+        TicketPriority::Normal => Priority::Normal,
+        TicketPriority::High => Priority::High,
+        TicketPriority::Urgent => Priority::Urgent,
+    };
+    let category = |c: &CategoryConfig| Category {
+        name: c.name.clone(),
+        skill_group: SkillGroup::parse(&c.skill_group).expect("validated by the configuration"),
+        priority: priority(c.priority),
+        keywords: c.keywords.clone(),
+    };
+    let sla = |s: SlaTimes| Sla {
+        first_response_ms: s.first_response.as_millis() as u64,
+        resolution_ms: s.resolution.as_millis() as u64,
+    };
+    TicketsConfig {
+        rules: Rules::new(t.categories.iter().map(category).collect(), category(&t.fallback), t.urgency_words.clone()),
+        settings: TicketSettings {
+            sla: SlaTable {
+                low: sla(t.sla.low),
+                normal: sla(t.sla.normal),
+                high: sla(t.sla.high),
+                urgent: sla(t.sla.urgent),
+            },
+            max_history: t.max_history,
+        },
+        agent_capacity: t.agent_capacity,
+        agent_grace_ms: t.agent_grace.as_millis() as u64,
+        presence_refresh_ms: t.presence_refresh.as_millis() as u64,
+        max_tickets_per_user: t.max_tickets_per_user,
     }
 }
 
@@ -213,7 +255,7 @@ pub async fn run(
             .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
     let view = Arc::new(ClusterView::new(node_id));
     let presence = Presence::new(transport.clone(), hub.clone());
-    let runtime = NodeRuntime::new(domain_config(&cfg), presence.clone());
+    let runtime = NodeRuntime::new(domain_config(&cfg), presence.clone(), WebhookSender::new(&cfg.webhooks));
     let router = Router::new(cfg.cluster.shards, cfg.timeouts.leader_wait, cfg.timeouts.request_timeout);
     runtime.bind_router(router.clone());
     router.connect(transport.clone(), view.clone());
@@ -265,6 +307,7 @@ pub async fn run(
         },
         chaos: cfg.chaos.enabled,
         storage: store.writer().faults().clone(),
+        reported: convoy_actors::domain::reported_entities(&domain_config(&cfg)),
     });
     let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));
 

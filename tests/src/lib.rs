@@ -14,6 +14,7 @@
 //! with [`unique`] keep cases that share a node apart.
 
 pub mod cluster;
+pub mod desk;
 pub mod failover_support;
 pub mod http;
 pub mod node;

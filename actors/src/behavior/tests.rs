@@ -17,6 +17,7 @@ struct World {
     logs: HashMap<EntityKey, Vec<Entry>>,
     idempotency: HashMap<(EntityKey, String), (u64, Timestamp)>,
     pushes: Vec<(Vec<UserId>, String)>,
+    hooks: Vec<crate::outbox::Webhook>,
     clock: u64,
 }
 
@@ -64,7 +65,7 @@ impl LocalRuntime {
 
     async fn call(&self, who: &Principal, op: &str, json: &str) -> Result<Reply, Rejection> {
         let fields = serde_json::from_str(json).unwrap();
-        let route = ops::parse(op, &fields, who, &self.cfg, || GroupId::parse("g-auto").unwrap())?;
+        let route = ops::parse(op, &fields, who, &self.cfg, |p| format!("{p}-auto"))?;
         match route {
             Route::Actor { key, request } => self.request(key, request).await,
             Route::Query { key, query } => self.query(key, query).await,
@@ -99,6 +100,13 @@ impl Runtime for LocalRuntime {
     }
     fn push(&self, users: &[UserId], event: &Event) {
         self.world.lock().unwrap().pushes.push((users.to_vec(), event.to_frame()));
+    }
+    fn spawn(&self, task: ReplyFuture) {
+        tokio::spawn(task);
+    }
+    fn webhook(&self, hook: &crate::outbox::Webhook) -> ReplyFuture {
+        self.world.lock().unwrap().hooks.push(hook.clone());
+        Box::pin(async { Ok(Reply::Fired) })
     }
 }
 
@@ -215,4 +223,148 @@ async fn another_users_inbox_is_forbidden() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
+}
+
+mod tickets {
+    use super::*;
+    use crate::domain::{Timer, fire};
+    use crate::ticket::TicketTimer;
+    use crate::ticket::{Category, Priority, Rules, TicketStatus};
+
+    fn desk_runtime() -> LocalRuntime {
+        let cat = |name: &str, skill: &str, words: &[&str]| Category {
+            name: name.into(),
+            skill_group: crate::ids::SkillGroup::parse(skill).unwrap(),
+            priority: Priority::Normal,
+            keywords: words.iter().map(|w| w.to_string()).collect(),
+        };
+        let mut cfg = DomainConfig::default();
+        cfg.tickets.rules = Rules::new(
+            vec![cat("fee_dispute", "fee", &["运费"]), cat("service_attitude", "quality", &["态度"])],
+            cat("other", "general", &[]),
+            vec![],
+        );
+        LocalRuntime { cfg: Arc::new(cfg), ..LocalRuntime::default() }
+    }
+
+    fn agent(user: &str, skill: &str) -> Principal {
+        Principal::from_claims(user, &["agent".into()], &[skill.into()], None).unwrap()
+    }
+
+    /// Lets background tasks run and delivers every outbox until nothing is left.
+    async fn settle(rt: &LocalRuntime) {
+        for _ in 0..20 {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let due: Vec<(EntityKey, Timer)> = rt
+                .world
+                .lock()
+                .unwrap()
+                .states
+                .iter()
+                .filter_map(|(k, s)| match s {
+                    EntityState::Ticket(t) if !t.outbox.is_empty() => {
+                        Some((k.clone(), Timer::Ticket(TicketTimer::Outbox)))
+                    }
+                    EntityState::SkillQueue(q) if !q.outbox.is_empty() => {
+                        Some((k.clone(), Timer::Queue(crate::queue::QueueTimer::Outbox)))
+                    }
+                    EntityState::Group(g) if !g.outbox.is_empty() => {
+                        Some((k.clone(), Timer::Group(crate::group::GroupTimer::Outbox)))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if due.is_empty() {
+                return;
+            }
+            for (key, timer) in due {
+                rt.request(key, fire(timer)).await.unwrap();
+            }
+        }
+        panic!("outboxes never emptied");
+    }
+
+    fn ticket(rt: &LocalRuntime, id: &str) -> crate::ticket::TicketState {
+        match rt.state(&EntityKey::Ticket(TicketId::parse(id).unwrap())) {
+            Some(EntityState::Ticket(t)) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_opened_ticket_is_assigned_to_the_least_loaded_connected_agent() {
+        let rt = desk_runtime();
+        let customer = person("c-1", "customer");
+        rt.call(
+            &person("disp", "dispatcher"),
+            "group.open",
+            r#"{"group":"exc-1","kind":"exception","members":[{"user":"c-1","role":"customer"}]}"#,
+        )
+        .await
+        .unwrap();
+        for a in [agent("a-1", "fee"), agent("a-2", "fee"), agent("q-1", "quality")] {
+            for (key, req) in presence(&a, &rt.cfg) {
+                rt.request(key, req).await.unwrap();
+            }
+        }
+        let opened = rt
+            .call(&customer, "ticket.open", r#"{"ticket":"t-1","subject":"运费多收了，司机态度很差","group":"exc-1"}"#)
+            .await
+            .unwrap();
+        let Reply::TicketsOpened { tickets } = opened else { panic!() };
+        let ids: Vec<_> = tickets.iter().map(|t| (t.ticket.to_string(), t.skill_group.to_string())).collect();
+        assert_eq!(ids, [("t-1".to_string(), "fee".to_string()), ("t-1.2".into(), "quality".into())]);
+        settle(&rt).await;
+        let fee = ticket(&rt, "t-1");
+        assert_eq!(fee.status, TicketStatus::Assigned);
+        assert_eq!(ticket(&rt, "t-1.2").assignee.unwrap().as_str(), "q-1");
+        // The next fee ticket goes to the other fee agent.
+        rt.call(&customer, "ticket.open", r#"{"ticket":"t-2","subject":"运费"}"#).await.unwrap();
+        settle(&rt).await;
+        assert_ne!(ticket(&rt, "t-2").assignee, fee.assignee);
+        // The linked group got a system entry for each ticket and each state change.
+        let log =
+            rt.world.lock().unwrap().logs.get(&EntityKey::Group(GroupId::parse("exc-1").unwrap())).cloned().unwrap();
+        let notes = log.iter().filter(|e| e.body.json.contains("ticket_")).count();
+        assert_eq!(notes, 4, "linked and assigned, for two tickets");
+        // Reopening is idempotent; the customer lists both of theirs.
+        rt.call(&customer, "ticket.open", r#"{"ticket":"t-2","subject":"运费"}"#).await.unwrap();
+        let Reply::TicketList { tickets } = rt.call(&customer, "ticket.list", "{}").await.unwrap() else { panic!() };
+        assert_eq!(tickets.len(), 3);
+        let Reply::TicketList { tickets } = rt.call(&agent("a-1", "fee"), "ticket.list", "{}").await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(tickets.len(), 2, "the fee agent sees the fee tickets only");
+        assert!(!rt.world.lock().unwrap().hooks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn tickets_of_an_agent_away_past_the_grace_period_go_back_to_the_queue() {
+        let rt = desk_runtime();
+        let (away, stays) = (agent("a-1", "fee"), agent("a-2", "fee"));
+        for (key, req) in presence(&away, &rt.cfg) {
+            rt.request(key, req).await.unwrap();
+        }
+        rt.call(&person("c-1", "customer"), "ticket.open", r#"{"ticket":"t-1","subject":"运费"}"#).await.unwrap();
+        settle(&rt).await;
+        assert_eq!(ticket(&rt, "t-1").assignee, Some(away.user.clone()));
+        for (key, req) in presence(&stays, &rt.cfg) {
+            rt.request(key, req).await.unwrap();
+        }
+        for (key, req) in absence(&away) {
+            rt.request(key, req).await.unwrap();
+        }
+        // The grace period passes; the queue's timer fires.
+        rt.world.lock().unwrap().clock += rt.cfg.tickets.agent_grace_ms + 1;
+        for (key, req) in presence(&stays, &rt.cfg) {
+            rt.request(key, req).await.unwrap();
+        }
+        let queue = EntityKey::SkillQueue(crate::ids::SkillGroup::parse("fee").unwrap());
+        rt.request(queue, fire(Timer::Queue(crate::queue::QueueTimer::Grace))).await.unwrap();
+        settle(&rt).await;
+        let t = ticket(&rt, "t-1");
+        assert_eq!((t.status, t.assignee), (TicketStatus::Assigned, Some(stays.user.clone())));
+    }
 }

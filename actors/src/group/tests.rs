@@ -15,6 +15,10 @@ struct MemLog {
 }
 
 impl GroupLog for MemLog {
+    fn group_id(&self) -> &GroupId {
+        static ID: std::sync::OnceLock<GroupId> = std::sync::OnceLock::new();
+        ID.get_or_init(|| GroupId::parse("g-test").unwrap())
+    }
     fn find_client_msg(&self, sender: &UserId, id: &ClientMsgId) -> Result<Option<(Seq, Timestamp)>, StorageFault> {
         Ok(self.dedupe.borrow().get(&(sender.clone(), id.clone())).copied())
     }
@@ -223,7 +227,7 @@ fn receipt_watch_fires_once_and_only_when_due() {
         fired.effects
     );
     let last = h.log.entries.borrow().last().unwrap().clone();
-    assert_eq!(last.from.as_str(), SYSTEM_USER);
+    assert_eq!(last.from.as_str(), crate::ids::SYSTEM_USER);
     assert!(last.body.json.contains(r#""event":"receipt_overdue""#));
     // Fired again (e.g. by a new leader): nothing more.
     let again = h.run(GroupCommand::Fire(timer));

@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use convoy_actors::domain::LogReader;
+use convoy_actors::domain::{self, LogReader};
 use convoy_actors::event::WireEntries;
 use convoy_actors::principal::Role;
 use convoy_actors::{EntityKey, EntityKind};
@@ -60,6 +60,8 @@ pub struct AdminState {
     pub chaos: bool,
     /// The storage writer's fault switches (network faults live in the transport).
     pub storage: Arc<WriterFaults>,
+    /// Entities whose figures `/v1/desk` and `/metrics` report.
+    pub reported: Vec<EntityKey>,
 }
 
 type JsonReply = (StatusCode, axum::Json<serde_json::Value>);
@@ -107,9 +109,55 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 
 async fn prometheus(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     match &s.metrics {
-        Some(h) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], h.render()),
+        Some(h) => {
+            let mut text = h.render();
+            render_gauges(&s, &mut text);
+            (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], text)
+        }
         None => (StatusCode::NOT_FOUND, [("content-type", "text/plain")], "metrics are not enabled\n".to_string()),
     }
+}
+
+/// Appends the figures of the reported entities this node leads: each is reported by
+/// exactly one node, its leader, so sums across nodes are right.
+fn render_gauges(s: &AdminState, out: &mut String) {
+    use std::fmt::Write;
+    let mut gauges: Vec<domain::Gauge> = Vec::new();
+    for key in &s.reported {
+        let Some(host) = s.router.local(s.router.shard_of(key)) else { continue };
+        if !matches!(host.leadership(), Leadership::Leading { .. }) {
+            continue;
+        }
+        if let Ok(state) = host.data().state(key) {
+            gauges.extend(domain::gauges(key, state.as_deref(), crate::shard::now()));
+        }
+    }
+    gauges.sort_by_key(|g| g.name);
+    let mut last = "";
+    for g in &gauges {
+        if g.name != last {
+            let _ = writeln!(out, "# HELP {} {}\n# TYPE {} gauge", g.name, g.help, g.name);
+            last = g.name;
+        }
+        let labels: Vec<String> = g.labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let _ = writeln!(out, "{}{{{}}} {}", g.name, labels.join(","), g.value);
+    }
+}
+
+/// `GET /v1/desk`: the service desk's figures, one entry per skill group.
+async fn desk(
+    State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, JsonReply> {
+    authorize(&s, &headers)?;
+    let now = crate::shard::now();
+    let asks = s.reported.iter().map(|key| s.router.query(key.clone(), domain::Query::Desk { now }));
+    let mut figures = Vec::new();
+    for reply in futures::future::join_all(asks).await {
+        let reply = reply.map_err(|r| refuse(StatusCode::SERVICE_UNAVAILABLE, r.to_string()))?;
+        figures.push(serde_json::to_value(reply.protocol()).unwrap_or_default());
+    }
+    Ok(axum::Json(json!({ "skill_groups": figures })))
 }
 
 /// `GET /v1/cluster`: members, groups, leaders, replication lag.
@@ -212,6 +260,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/desk", get(desk))
         .route("/v1/cluster/nodes/{name}/{action}", post(node_command))
         .route("/v1/entities/{kind}/{id}", get(entity))
         .route("/v1/replicas/{kind}/{id}/entries", get(replica_entries))

@@ -8,9 +8,11 @@ use convoy_actors::behavior::{ReplyFuture, Request, Runtime};
 use convoy_actors::domain::{Command, DomainConfig, Query};
 use convoy_actors::event::Event;
 use convoy_actors::ids::UserId;
+use convoy_actors::outbox::Webhook;
 use convoy_actors::{EntityKey, Timestamp};
 
 use crate::router::Router;
+use crate::webhook::WebhookSender;
 
 /// Delivers a rendered event frame to every connected device of some users.
 pub trait Pusher: Send + Sync + 'static {
@@ -26,11 +28,12 @@ struct Inner {
     config: DomainConfig,
     router: OnceLock<Router>,
     pusher: Arc<dyn Pusher>,
+    webhooks: WebhookSender,
 }
 
 impl NodeRuntime {
-    pub fn new(config: DomainConfig, pusher: Arc<dyn Pusher>) -> NodeRuntime {
-        NodeRuntime { inner: Arc::new(Inner { config, router: OnceLock::new(), pusher }) }
+    pub fn new(config: DomainConfig, pusher: Arc<dyn Pusher>, webhooks: WebhookSender) -> NodeRuntime {
+        NodeRuntime { inner: Arc::new(Inner { config, router: OnceLock::new(), pusher, webhooks }) }
     }
 
     /// The router exists after the shard hosts, which need this runtime: bind it once.
@@ -72,5 +75,21 @@ impl Runtime for NodeRuntime {
             return;
         }
         self.inner.pusher.push(users, Arc::from(event.to_frame()));
+    }
+
+    fn spawn(&self, task: ReplyFuture) {
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::debug!(error = %e, "background entity task failed; the entity retries from its state");
+            }
+        });
+    }
+
+    fn webhook(&self, hook: &Webhook) -> ReplyFuture {
+        let (rt, hook) = (self.clone(), hook.clone());
+        Box::pin(async move {
+            rt.inner.webhooks.post(&hook).await?;
+            Ok(convoy_actors::domain::Reply::Fired)
+        })
     }
 }

@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use convoy_actors::EntityKey;
 use convoy_actors::domain::{self, Timer};
+use convoy_actors::{EntityKey, Timestamp};
 
 use super::EntityHost;
 use crate::shard::{ShardData, now};
 
-/// A dispatched timer is not dispatched again for this long (its apply removes it).
+/// A dispatched timer is not dispatched again for this long (its apply removes it or sets
+/// it anew; a timer set anew, with another due time, is dispatched at once).
 const REFIRE_AFTER: Duration = Duration::from_secs(2);
 /// Timers dispatched per wake-up at most.
 const FIRE_BATCH: usize = 256;
@@ -21,15 +22,15 @@ const FIRE_BATCH: usize = 256;
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 pub async fn run_timers(data: Arc<ShardData>, entities: Arc<EntityHost>) {
-    let mut dispatched: HashMap<(EntityKey, Timer), Instant> = HashMap::new();
+    let mut dispatched: HashMap<(EntityKey, Timer), (Instant, Timestamp)> = HashMap::new();
     loop {
         let at = now();
-        dispatched.retain(|_, when| when.elapsed() < REFIRE_AFTER);
-        for (key, timer) in data.due(at, FIRE_BATCH + dispatched.len()) {
-            if dispatched.contains_key(&(key.clone(), timer)) {
+        dispatched.retain(|_, (when, _)| when.elapsed() < REFIRE_AFTER);
+        for (due, key, timer) in data.due(at, FIRE_BATCH + dispatched.len()) {
+            if dispatched.get(&(key.clone(), timer)).is_some_and(|(_, d)| *d == due) {
                 continue;
             }
-            dispatched.insert((key.clone(), timer), Instant::now());
+            dispatched.insert((key.clone(), timer), (Instant::now(), due));
             metrics::counter!("convoy_timers_fired_total").increment(1);
             let entities = entities.clone();
             tokio::spawn(async move {

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use super::hub::Registration;
+use super::sessions::SessionGuard;
 use super::{Gateway, frame};
 use crate::cluster::presence::ANNOUNCE_TIMEOUT;
 
@@ -47,6 +48,7 @@ struct Session {
     principal: Principal,
     expires_at: Instant,
     registration: Registration,
+    _presence: Option<SessionGuard>,
 }
 
 #[derive(Serialize)]
@@ -228,7 +230,7 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                             continue;
                         }
                         let principal = &session.as_ref().expect("checked above").principal;
-                        match ops::parse(&req.op, &req.fields, principal, &gw.domain, || gw.fresh_group_id()) {
+                        match ops::parse(&req.op, &req.fields, principal, &gw.domain, |p| gw.fresh_id(p)) {
                             Err(r) => {
                                 metrics::counter!("convoy_requests_total", "op" => "invalid", "code" => r.code.as_str()).increment(1);
                                 count_limit(&r);
@@ -334,7 +336,13 @@ fn hello(
         s.principal = principal;
     } else {
         let registration = gw.hub.register(principal.user.clone(), frames_tx.clone(), overflow.clone());
-        *session = Some(Session { principal, expires_at: unix_to_instant(verified.expires_at), registration });
+        let presence = gw.sessions.opened(&principal);
+        *session = Some(Session {
+            principal,
+            expires_at: unix_to_instant(verified.expires_at),
+            registration,
+            _presence: presence,
+        });
     }
     let p = &session.as_ref().expect("set above").principal;
     Ok(frame::ok(&req.id, &HelloReply { user: p.user.as_str(), roles: &p.roles, node: &gw.node_name }))

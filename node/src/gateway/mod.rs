@@ -6,6 +6,7 @@ pub mod auth;
 pub mod connection;
 pub mod frame;
 pub mod hub;
+pub mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use convoy_actors::domain::DomainConfig;
-use convoy_actors::ids::GroupId;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -52,7 +52,8 @@ pub struct Gateway {
     pub hub: Arc<hub::Hub>,
     pub keys: Arc<auth::TokenKeys>,
     pub shutdown: watch::Receiver<bool>,
-    group_ids: AtomicU64,
+    pub sessions: sessions::Sessions,
+    fresh_ids: AtomicU64,
     slots: Arc<Semaphore>,
     /// Distinguishes group ids assigned by this process from those of its restarts.
     incarnation: String,
@@ -70,6 +71,7 @@ impl Gateway {
     ) -> Gateway {
         let incarnation = format!("{:x}", rand::random::<u32>());
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let sessions = sessions::Sessions::new(router.clone(), domain.clone());
         Gateway {
             node_name,
             limits,
@@ -78,7 +80,8 @@ impl Gateway {
             hub,
             keys,
             shutdown,
-            group_ids: AtomicU64::new(1),
+            sessions,
+            fresh_ids: AtomicU64::new(1),
             slots,
             incarnation,
         }
@@ -89,11 +92,11 @@ impl Gateway {
         self.limits.max_connections - self.slots.available_permits()
     }
 
-    /// An id for a group the client did not name: unique across nodes and restarts.
-    pub fn fresh_group_id(&self) -> GroupId {
-        let n = self.group_ids.fetch_add(1, Ordering::Relaxed);
-        GroupId::parse(&format!("g-{}-{}-{n}", self.node_name, self.incarnation))
-            .expect("generated ids use the id grammar")
+    /// An id for an entity the client did not name (`g-...` groups, `t-...` tickets):
+    /// unique across nodes and restarts.
+    pub fn fresh_id(&self, prefix: &str) -> String {
+        let n = self.fresh_ids.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{}-{}-{n}", self.node_name, self.incarnation)
     }
 
     fn ws_config(&self) -> WebSocketConfig {

@@ -164,15 +164,8 @@ impl ShardData {
     }
 
     /// Deadlines at or before `now`, earliest first, at most `limit`.
-    pub fn due(&self, now: Timestamp, limit: usize) -> Vec<(EntityKey, Timer)> {
-        self.timers
-            .lock()
-            .by_due
-            .iter()
-            .take_while(|(due, _, _)| *due <= now)
-            .take(limit)
-            .map(|(_, k, t)| (k.clone(), *t))
-            .collect()
+    pub fn due(&self, now: Timestamp, limit: usize) -> Vec<(Timestamp, EntityKey, Timer)> {
+        self.timers.lock().by_due.iter().take_while(|(due, _, _)| *due <= now).take(limit).cloned().collect()
     }
 
     /// Resolves when the timer index changes.
