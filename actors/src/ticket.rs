@@ -731,14 +731,7 @@ impl Change<'_> {
         self.s.status = TicketStatus::Resolved;
         self.s.resolved_at = Some(self.at);
         self.record(&system_user(), HistoryEvent::Resolved);
-        for (timer, due) in [
-            (TicketTimer::FirstResponse, self.s.first_response_due.take()),
-            (TicketTimer::Resolution, self.s.resolution_due.take()),
-        ] {
-            if due.is_some() {
-                self.out.timers.push((timer, None));
-            }
-        }
+        self.clear_deadlines();
     }
 
     /// Raises the priority a step and puts the ticket back in its queue, ahead of others.
@@ -753,6 +746,18 @@ impl Change<'_> {
         }
         let priority = self.s.priority;
         self.record(by, HistoryEvent::Escalated { reason, priority });
+    }
+
+    /// The ticket is done: no deadline is pending any more.
+    fn clear_deadlines(&mut self) {
+        for (timer, due) in [
+            (TicketTimer::FirstResponse, self.s.first_response_due.take()),
+            (TicketTimer::Resolution, self.s.resolution_due.take()),
+        ] {
+            if due.is_some() {
+                self.out.timers.push((timer, None));
+            }
+        }
     }
 
     fn rate(&mut self, by: &UserId, score: u8, comment: String) {
@@ -788,14 +793,7 @@ impl Change<'_> {
         self.s.status = TicketStatus::Closed;
         self.s.closed_at = Some(self.at);
         self.record(by, HistoryEvent::Closed);
-        for (timer, due) in [
-            (TicketTimer::FirstResponse, self.s.first_response_due.take()),
-            (TicketTimer::Resolution, self.s.resolution_due.take()),
-        ] {
-            if due.is_some() {
-                self.out.timers.push((timer, None));
-            }
-        }
+        self.clear_deadlines();
     }
 
     /// A deadline came. False if there was nothing to do (met already, or fired early).
