@@ -206,12 +206,11 @@ fn handle_queue<R: Runtime>(key: &EntityKey, queue: Option<&SkillQueueState>, cm
         }
         // A report while the last one is still fresh changes nothing worth a write.
         QueueCommand::AgentPresent { agent, capacity, lease_ms, grace_ms } => {
-            let fresh = queue.and_then(|q| q.agents.get(agent)).is_some_and(|a| {
-                a.capacity == *capacity
-                    && a.grace_ms == *grace_ms
-                    && a.present(rt.now())
-                    && a.seen_until > rt.now().plus_millis(lease_ms / 2)
-            });
+            // Still present for more than half a lease (which implies present now).
+            let half_lease_ahead = rt.now().plus_millis(lease_ms / 2);
+            let fresh = queue
+                .and_then(|q| q.agents.get(agent))
+                .is_some_and(|a| a.capacity == *capacity && a.grace_ms == *grace_ms && a.present(half_lease_ahead));
             if fresh {
                 return Handling::Done(Ok(Reply::Updated { changed: false }));
             }

@@ -158,15 +158,21 @@ pub struct DeskView {
 }
 
 impl SkillQueueState {
-    fn load(&self, agent: &UserId) -> u32 {
-        self.tickets
-            .values()
-            .filter(|t| {
-                t.offered_to.as_ref() == Some(agent)
-                    || (t.summary.assignee.as_ref() == Some(agent)
-                        && matches!(t.summary.state, TicketStatus::Assigned | TicketStatus::AwaitingConfirmation))
-            })
-            .count() as u32
+    /// How many tickets each agent holds (assigned, awaiting confirmation, or offered), in
+    /// one pass over the tickets.
+    fn loads(&self) -> BTreeMap<UserId, u32> {
+        let mut loads: BTreeMap<UserId, u32> = BTreeMap::new();
+        for t in self.tickets.values() {
+            let held = t
+                .summary
+                .assignee
+                .as_ref()
+                .filter(|_| matches!(t.summary.state, TicketStatus::Assigned | TicketStatus::AwaitingConfirmation));
+            for agent in held.into_iter().chain(t.offered_to.as_ref()) {
+                *loads.entry(agent.clone()).or_default() += 1;
+            }
+        }
+        loads
     }
 
     /// Waiting tickets not offered to anyone, most urgent first, then oldest.
@@ -181,11 +187,12 @@ impl SkillQueueState {
     /// agent with the fewest tickets and room for one more (someone other than its last
     /// assignee when anyone else has room).
     pub fn plan_offers(&self, now: Timestamp) -> Vec<(TicketId, UserId)> {
+        let held = self.loads();
         let mut loads: BTreeMap<&UserId, (u32, u32)> = self
             .agents
             .iter()
             .filter(|(_, a)| a.present(now))
-            .map(|(id, a)| (id, (self.load(id), a.capacity)))
+            .map(|(id, a)| (id, (held.get(id).copied().unwrap_or(0), a.capacity)))
             .filter(|(_, (load, cap))| load < cap)
             .collect();
         let mut offers = Vec::new();
@@ -239,7 +246,7 @@ impl SkillQueueState {
     }
 
     pub fn check(state: Option<&SkillQueueState>, cmd: &QueueCommand) -> Result<(), Rejection> {
-        let s = state.cloned().unwrap_or_default();
+        let Some(s) = state else { return Ok(()) };
         match cmd {
             QueueCommand::Update { summary, .. }
                 if !s.tickets.contains_key(&summary.ticket) && s.tickets.len() >= MAX_TICKETS =>
@@ -266,8 +273,9 @@ impl SkillQueueState {
         let mut timers = Vec::new();
         let changed = match cmd {
             QueueCommand::Update { rev, summary } => {
-                let changed = s.update(rev, summary.clone(), at);
-                if changed && summary.state == TicketStatus::Assigned {
+                let assigned = summary.state == TicketStatus::Assigned;
+                let changed = s.update(rev, summary, at);
+                if changed && assigned {
                     timers.push((QueueTimer::Grace, s.grace_due()));
                 }
                 changed
@@ -289,12 +297,15 @@ impl SkillQueueState {
             },
             QueueCommand::Offer { offers } => {
                 let mut any = false;
+                let mut loads = s.loads();
                 for (ticket, agent) in offers {
-                    let room = s.agents.get(&agent).is_some_and(|a| a.present(at) && s.load(&agent) < a.capacity);
+                    let load = loads.entry(agent.clone()).or_default();
+                    let room = s.agents.get(&agent).is_some_and(|a| a.present(at) && *load < a.capacity);
                     let Some(t) = s.tickets.get_mut(&ticket) else { continue };
                     if !room || !t.summary.state.is_waiting() || t.offered_to.is_some() {
                         continue;
                     }
+                    *load += 1;
                     t.offered_to = Some(agent.clone());
                     let request = Request::Ticket(TicketCommand::Assign { agent, rev: t.rev });
                     s.outbox.push(Delivery::Request { key: EntityKey::Ticket(ticket), request }, at);

@@ -255,7 +255,8 @@ pub async fn run(
             .map_err(|e| NodeError::Start("the cluster transport".into(), e))?;
     let view = Arc::new(ClusterView::new(node_id));
     let presence = Presence::new(transport.clone(), hub.clone());
-    let runtime = NodeRuntime::new(domain_config(&cfg), presence.clone(), WebhookSender::new(&cfg.webhooks));
+    let domain = domain_config(&cfg);
+    let runtime = NodeRuntime::new(domain.clone(), presence.clone(), WebhookSender::new(&cfg.webhooks));
     let router = Router::new(cfg.cluster.shards, cfg.timeouts.leader_wait, cfg.timeouts.request_timeout);
     runtime.bind_router(router.clone());
     router.connect(transport.clone(), view.clone());
@@ -307,7 +308,7 @@ pub async fn run(
         },
         chaos: cfg.chaos.enabled,
         storage: store.writer().faults().clone(),
-        reported: convoy_actors::domain::reported_entities(&domain_config(&cfg)),
+        reported: convoy_actors::domain::reported_entities(&domain),
     });
     let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));
 
@@ -341,7 +342,7 @@ pub async fn run(
     let gw = Arc::new(Gateway::new(
         cfg.node.id.clone(),
         gateway_limits(&cfg),
-        domain_config(&cfg),
+        domain,
         router.clone(),
         hub.clone(),
         keys,
