@@ -327,8 +327,13 @@ fn list_tickets<R: Runtime>(who: Principal, filter: TicketFilter, rt: R) -> Hand
                 .collect()
                 .await;
             for list in lists {
-                if let Ok(Reply::TicketSummaries(s)) = list {
-                    found.extend(s);
+                match list {
+                    Ok(Reply::TicketSummaries(s)) => found.extend(s),
+                    // The index lists a ticket before opening it: one whose open failed
+                    // does not exist. Anything else (unavailable) fails the list.
+                    Err(r) if matches!(r.code, ErrorCode::Forbidden | ErrorCode::NotFound) => {}
+                    Err(r) => return Err(r),
+                    Ok(_) => {}
                 }
             }
         }
