@@ -31,13 +31,17 @@ fn categories(opened: &Value) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// (category, skill group, priority) of one opened ticket.
+type Expected = (&'static str, &'static str, &'static str);
+/// (subject, vip?, the tickets it must open).
+type Case = (&'static str, bool, &'static [Expected]);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_rules_classify_every_category_in_chinese_and_english() {
     let node = Node::start(NodeOptions::new());
     let standard = connect_as(&node, &unique("c"), &["customer"], &[], None).await;
     let vip = connect_as(&node, &unique("v"), &["customer"], &[], Some("vip")).await;
-    // (subject, vip?, [(category, skill group, priority)])
-    let table: &[(&str, bool, &[(&str, &str, &str)])] = &[
+    let table: &[Case] = &[
         ("包裹延误三天了", false, &[("delivery_delay", "delivery", "high")]),
         ("my parcel is late", false, &[("delivery_delay", "delivery", "high")]),
         ("外箱破损，里面的杯子摔坏了", false, &[("damaged_goods", "damage", "high")]),
