@@ -21,6 +21,15 @@ impl Event {
     pub fn to_frame(&self) -> String {
         serde_json::to_string(self).expect("events always serialize")
     }
+
+    /// When the message it pushes was committed, for push latency; other events have no
+    /// single moment to measure from.
+    pub fn committed_at(&self) -> Option<crate::Timestamp> {
+        match self {
+            Event::Msg { entry, .. } => Some(entry.ts),
+            Event::Receipt { .. } | Event::Ticket(_) => None,
+        }
+    }
 }
 
 impl Serialize for Event {

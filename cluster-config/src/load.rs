@@ -129,9 +129,29 @@ struct EnvOverrides {
     vars: Vec<(String, String)>,
 }
 
+/// OpenTelemetry's standard variables and the keys they set. A `CONVOY_TELEMETRY_*`
+/// variable for the same key wins.
+const OTEL_VARIABLES: &[(&str, &str)] = &[
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "CONVOY_TELEMETRY_OTLP_ENDPOINT"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "CONVOY_TELEMETRY_OTLP_PROTOCOL"),
+    ("OTEL_SERVICE_NAME", "CONVOY_TELEMETRY_SERVICE_NAME"),
+    ("OTEL_TRACES_SAMPLER_ARG", "CONVOY_TELEMETRY_SAMPLING_RATIO"),
+];
+
 impl EnvOverrides {
     fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
-        let mut vars: Vec<_> = vars.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+        let mut ours: Vec<(String, String)> = Vec::new();
+        let mut standard: Vec<(String, String)> = Vec::new();
+        for (name, value) in vars {
+            if name.starts_with(ENV_PREFIX) {
+                ours.push((name, value));
+            } else if let Some((_, key)) = OTEL_VARIABLES.iter().find(|(otel, _)| *otel == name) {
+                standard.push((key.to_string(), value));
+            }
+        }
+        standard.retain(|(key, _)| !ours.iter().any(|(name, _)| name == key));
+        let mut vars = ours;
+        vars.extend(standard);
         // Deterministic order, so the same environment always produces the same first error.
         vars.sort();
         Self { vars }

@@ -297,6 +297,8 @@ pub enum LogFormat {
 pub enum OtlpProtocol {
     #[default]
     Grpc,
+    /// Also spelled `http/protobuf`, as `OTEL_EXPORTER_OTLP_PROTOCOL` does.
+    #[serde(alias = "http/protobuf")]
     HttpProtobuf,
 }
 

@@ -213,6 +213,31 @@ fn env_beats_file() {
 }
 
 #[test]
+fn standard_opentelemetry_variables_configure_tracing() {
+    let c = load_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4318"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_SERVICE_NAME", "convoy-eu"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+    ])
+    .unwrap();
+    assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://jaeger:4318"));
+    assert_eq!(c.telemetry.otlp_protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(c.telemetry.service_name, "convoy-eu");
+    assert_eq!(c.telemetry.sampling_ratio, 0.25);
+    let ours = load_env(&[
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("CONVOY_TELEMETRY_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+    ])
+    .unwrap();
+    assert_eq!(ours.telemetry.otlp_protocol, OtlpProtocol::Grpc, "Convoy's own variable wins");
+    assert_eq!(ours.telemetry.otlp_endpoint.as_deref(), Some("http://a:4317"));
+    let err = load_env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")]).unwrap_err();
+    assert!(err.to_string().contains("telemetry.otlp_protocol"), "{err}");
+}
+
+#[test]
 fn env_outside_the_config_sections_is_ignored() {
     let c = load_env(&[("CONVOY_CONFIG", "/etc/convoy.toml"), ("CONVOY_CONFIG_PATH", "x"), ("PATH", "/bin")]).unwrap();
     assert_eq!(c, Config::default());

@@ -29,7 +29,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.client.listen = args.client_addr;
             cfg.admin.listen = args.admin_addr;
             cfg.validate()?;
-            convoy_node::telemetry::init_logs(&cfg.telemetry);
+            let telemetry = convoy_node::telemetry::init(&cfg.telemetry, &cfg.node.id)?;
             let secret = node::client_secret(&cfg, SecretPolicy::GenerateInDataDir)?;
             let keys = TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl);
             let token = keys.mint("demo", &["dispatcher".into()], &[], None, Duration::from_secs(24 * 3600));
@@ -42,8 +42,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.node.data_dir.display()
             );
             let metrics = convoy_node::telemetry::init_metrics();
-            node::run(cfg, SecretPolicy::GenerateInDataDir, metrics).await?;
-            Ok(())
+            let result = node::run(cfg, SecretPolicy::GenerateInDataDir, metrics).await;
+            telemetry.shutdown().await;
+            Ok(result?)
         }
         Command::Start(args) => {
             let mut cfg =
@@ -52,10 +53,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.node.data_dir = dir;
                 cfg.validate()?;
             }
-            convoy_node::telemetry::init_logs(&cfg.telemetry);
+            let telemetry = convoy_node::telemetry::init(&cfg.telemetry, &cfg.node.id)?;
             let metrics = convoy_node::telemetry::init_metrics();
-            node::run(cfg, SecretPolicy::Required, metrics).await?;
-            Ok(())
+            let result = node::run(cfg, SecretPolicy::Required, metrics).await;
+            telemetry.shutdown().await;
+            Ok(result?)
         }
         Command::Token(args) => token(args),
         Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,

@@ -19,6 +19,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes (`n1`..) with `opts` applied to each, and waits until all are ready.
     pub fn start(n: usize, opts: NodeOptions) -> Cluster {
+        Cluster::start_each(n, |_| opts.clone())
+    }
+
+    /// Starts `n` nodes (`n1`..), node `i` (from 0) with `options(i)`, and waits until all are ready.
+    pub fn start_each(n: usize, options: impl Fn(usize) -> NodeOptions) -> Cluster {
         let secret = Alphanumeric.sample_string(&mut rand::rng(), 48);
         let cookie = Alphanumeric.sample_string(&mut rand::rng(), 24);
         let ports: Vec<Ports> = (0..n).map(|_| Ports::free()).collect();
@@ -30,7 +35,7 @@ impl Cluster {
                     .filter(|(j, _)| *j != i)
                     .map(|(_, p)| format!("127.0.0.1:{}", p.cluster).into())
                     .collect();
-                let mut o = opts.clone().set("cluster.cookie", cookie.clone()).set("cluster.seeds", seeds);
+                let mut o = options(i).set("cluster.cookie", cookie.clone()).set("cluster.seeds", seeds);
                 o.id = format!("n{}", i + 1);
                 Node::configure(o, ports[i], secret.clone())
             })

@@ -4,6 +4,7 @@
 //! - [`node`]: [`Node`] starts a node from a generated configuration in a temporary data
 //!   directory and can stop, kill (-9) and restart it on the same data.
 //! - [`http`]: a tiny HTTP client for the admin endpoints and a Prometheus text reader.
+//! - [`otlp`]: a real OTLP receiver (`rotel-agent`) that collects the spans nodes export.
 //! - helpers here: [`connect`] (token + `hello`), [`metric`], [`wait_until`], event and sync
 //!   helpers, unique ids.
 //!
@@ -18,6 +19,7 @@ pub mod desk;
 pub mod failover_support;
 pub mod http;
 pub mod node;
+pub mod otlp;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

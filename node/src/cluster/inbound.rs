@@ -56,8 +56,8 @@ impl Inbound for Arc<NodeInbound> {
 
     fn cast(&self, _from: NodeId, cast: Cast) {
         match cast {
-            Cast::Push { users, frame } => {
-                self.hub.deliver(&users, &Utf8Bytes::from(frame));
+            Cast::Push { users, frame, committed_at } => {
+                self.hub.deliver(&users, &Utf8Bytes::from(frame), committed_at);
             }
         }
     }

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use convoy_actors::Timestamp;
 use convoy_actors::ids::UserId;
 use parking_lot::RwLock;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -19,6 +20,7 @@ use super::wire::{Call, Cast, PresenceUpdate};
 use crate::entity::Pusher;
 use crate::gateway::hub::Hub;
 use crate::shard::NodeId;
+use crate::telemetry::trace::TARGET as TRACE;
 
 /// Presence changes are sent at most this often (they batch in between).
 const BATCH: Duration = Duration::from_millis(5);
@@ -102,7 +104,7 @@ impl Presence {
 }
 
 impl Pusher for Presence {
-    fn push(&self, users: &[UserId], frame: Arc<str>) {
+    fn push(&self, users: &[UserId], frame: Arc<str>, committed_at: Option<Timestamp>) {
         let mut by_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
         {
             let remote = self.remote.read();
@@ -114,13 +116,16 @@ impl Pusher for Presence {
             }
         }
         for (node, users) in by_node {
-            let cast = Cast::Push { users, frame: frame.to_string() };
+            let _send =
+                tracing::info_span!(target: TRACE, "fanout.send", to = %format_args!("{node:x}"), users = users.len())
+                    .entered();
+            let cast = Cast::Push { users, frame: frame.to_string(), committed_at };
             if self.transport.cast(node, &cast).is_err() {
                 metrics::counter!("convoy_pushes_dropped_total", "reason" => "peer_unreachable").increment(1);
             } else {
                 metrics::counter!("convoy_fanout_node_sends_total").increment(1);
             }
         }
-        self.hub.deliver(users, &Utf8Bytes::from(String::from(&*frame)));
+        self.hub.deliver(users, &Utf8Bytes::from(String::from(&*frame)), committed_at);
     }
 }

@@ -32,12 +32,14 @@ use ractor_cluster::{
     RactorClusterMessage,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tracing::Instrument;
 
 use super::faults::PeerFaults;
 use super::tls::{ClusterTls, server_name};
 use super::wire::{Call, CallReply, Cast, Envelope, Hello, MAX_MESSAGE_BYTES};
 use crate::shard::NodeId;
 use crate::store::codec;
+use crate::telemetry::trace;
 
 /// The process group a node's endpoint joins.
 pub fn endpoint_group(node: NodeId) -> String {
@@ -267,7 +269,7 @@ impl Transport {
             .clone()
             .try_acquire_owned()
             .map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
-        let bytes = self.encode(call, None)?;
+        let bytes = self.encode(call, trace::traceparent())?;
         let result = match fault.and_then(|f| f.delay) {
             None => {
                 let result = link
@@ -343,7 +345,7 @@ impl Transport {
         }
         let endpoint =
             self.links.read().get(&node).map(|l| l.endpoint.clone()).ok_or(TransportError::NotConnected(node))?;
-        let bytes = self.encode(cast, None)?;
+        let bytes = self.encode(cast, trace::traceparent())?;
         let delay = fault.and_then(|f| f.delay);
         if delay.is_some() || self.casts_held.load(Ordering::Acquire) > 0 {
             return self.cast_later(node, endpoint, bytes, delay.unwrap_or_default());
@@ -539,7 +541,12 @@ impl Actor for Endpoint {
                 }
                 Ok(env) => {
                     t.heard_from(env.from);
-                    inbound.cast(env.from, env.body);
+                    let from = env.from;
+                    let span = trace::continued(
+                        env.traceparent.as_deref(),
+                        || tracing::info_span!(target: trace::TARGET, "deliver", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
+                    );
+                    span.in_scope(|| inbound.cast(env.from, env.body));
                 }
                 Err(e) => {
                     metrics::counter!("convoy_peer_garbage_total").increment(1);
@@ -574,7 +581,12 @@ impl Actor for Endpoint {
                     return Ok(());
                 };
                 let me = t.me;
-                let answer = inbound.call(env.from, env.body);
+                let from = env.from;
+                let span = trace::continued(
+                    env.traceparent.as_deref(),
+                    || tracing::info_span!(target: trace::TARGET, "serve", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
+                );
+                let answer = inbound.call(env.from, env.body).instrument(span);
                 tokio::spawn(async move {
                     let body = answer.await;
                     drop(slot);

@@ -6,7 +6,7 @@
 use convoy_actors::behavior::Request;
 use convoy_actors::domain::{Command, Query, Reply};
 use convoy_actors::ids::UserId;
-use convoy_actors::{EntityKey, Rejection};
+use convoy_actors::{EntityKey, Rejection, Timestamp};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
@@ -132,7 +132,7 @@ pub enum CallReply {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Cast {
     /// Deliver `frame` to every local connection of `users`.
-    Push { users: Vec<UserId>, frame: String },
+    Push { users: Vec<UserId>, frame: String, committed_at: Option<Timestamp> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -26,8 +26,10 @@ use ractor_cluster::RactorMessage;
 pub use runtime::{NodeRuntime, Pusher};
 pub use timers::run_timers;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::shard::{AppliedEffects, AppliedSink, RaftGroupId, ShardData};
+use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Bounds on entity actors, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -209,6 +211,11 @@ impl EntityHost {
 
     /// Delivers `req` to `key`'s actor and waits for the answer.
     pub async fn request(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
+        let span = tracing::info_span!(target: TRACE, "entity", entity = %key);
+        self.request_in_actor(key, req).instrument(span).await
+    }
+
+    async fn request_in_actor(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
         let (actor, queued) = self.actor_for(&key).await?;
         if queued.fetch_add(1, Ordering::SeqCst) >= self.limits.mailbox {
             queued.fetch_sub(1, Ordering::SeqCst);
@@ -329,7 +336,13 @@ impl Actor for EntityActor {
                 let _ = reply.send(behavior::handle(&s.key, state.as_deref(), req, &s.runtime));
             }
             EntityMsg::Applied(effects) => {
-                behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime);
+                let span = trace::continued(
+                    effects.traceparent.as_deref(),
+                    || tracing::info_span!(target: TRACE, "fanout", entity = %s.key, trace_id = tracing::field::Empty),
+                );
+                span.in_scope(|| {
+                    behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime)
+                });
             }
             EntityMsg::Crash => return Err(format!("{}: crash injected through the chaos admin API", s.key).into()),
         }

@@ -15,8 +15,9 @@ use crate::router::Router;
 use crate::webhook::WebhookSender;
 
 /// Delivers a rendered event frame to every connected device of some users.
+/// `committed_at` (a message's commit time) lets the receiving node measure push latency.
 pub trait Pusher: Send + Sync + 'static {
-    fn push(&self, users: &[UserId], frame: Arc<str>);
+    fn push(&self, users: &[UserId], frame: Arc<str>, committed_at: Option<Timestamp>);
 }
 
 #[derive(Clone)]
@@ -74,7 +75,7 @@ impl Runtime for NodeRuntime {
         if users.is_empty() {
             return;
         }
-        self.inner.pusher.push(users, Arc::from(event.to_frame()));
+        self.inner.pusher.push(users, Arc::from(event.to_frame()), event.committed_at());
     }
 
     fn spawn(&self, task: ReplyFuture) {

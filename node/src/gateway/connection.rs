@@ -24,11 +24,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+use tracing::Instrument;
 
 use super::hub::Registration;
 use super::sessions::SessionGuard;
 use super::{Gateway, frame};
 use crate::cluster::presence::ANNOUNCE_TIMEOUT;
+use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Close codes of protocol v1 (and Convoy's additions, documented in docs/protocol.md).
 pub mod close {
@@ -237,8 +239,10 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                                 if !send!(frame::error(Some(&req.id), &r, None)) { break; }
                             }
                             Ok(route) => {
+                                let span = tracing::info_span!(target: TRACE, "request", op = %req.op, user = %principal.user, id = %req.id, trace_id = tracing::field::Empty);
+                                trace::continue_from(&span, req.traceparent.as_deref());
                                 in_flight.insert(req.id.clone());
-                                pending.push(Box::pin(run(gw.clone(), req.id, req.op, route)));
+                                pending.push(Box::pin(run(gw.clone(), req.id, req.op, route).instrument(span)));
                             }
                         }
                     }

@@ -11,6 +11,8 @@ use serde_json::{Map, Value};
 pub struct RequestFrame {
     pub id: String,
     pub op: String,
+    /// The client's W3C trace context: the server's spans become children of its span.
+    pub traceparent: Option<String>,
     /// Every field of the frame (the op parser ignores `id`, `op` and unknown ones).
     pub fields: Map<String, Value>,
 }
@@ -41,7 +43,17 @@ pub fn parse(text: &str) -> Result<RequestFrame, FrameError> {
         Some(_) => return Err(bad(Some(id), "op must be a string")),
         None => return Err(bad(Some(id), "frame has no op")),
     };
-    Ok(RequestFrame { id, op, fields })
+    let traceparent = match fields.remove("traceparent") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if crate::telemetry::trace::valid_traceparent(&t) => Some(t),
+        Some(_) => {
+            return Err(bad(
+                Some(id),
+                "traceparent must be a W3C traceparent: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>",
+            ));
+        }
+    };
+    Ok(RequestFrame { id, op, traceparent, fields })
 }
 
 #[derive(Serialize)]
@@ -96,6 +108,12 @@ mod tests {
     #[test]
     fn envelopes_are_checked() {
         assert!(parse(r#"{"id":"1","op":"ping"}"#).is_ok());
+        let traced =
+            r#"{"id":"1","op":"ping","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#;
+        assert_eq!(
+            parse(traced).unwrap().traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
         for (text, has_id) in [
             ("nope", false),
             ("[1]", false),
@@ -104,6 +122,8 @@ mod tests {
             (r#"{"id":"","op":"ping"}"#, false),
             (r#"{"id":"1"}"#, true),
             (r#"{"id":"1","op":7}"#, true),
+            (r#"{"id":"1","op":"ping","traceparent":"00-xyz"}"#, true),
+            (r#"{"id":"1","op":"ping","traceparent":7}"#, true),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.id.is_some(), has_id, "{text}");

@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use convoy_actors::Timestamp;
 use convoy_actors::ids::UserId;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::telemetry::trace::TARGET as TRACE;
 
 /// Where the hub delivers one connection's frames.
 pub struct ConnSink {
@@ -152,13 +155,15 @@ impl Hub {
         self.users.read().contains_key(user)
     }
 
-    /// Queues `frame` on every connection of `users`; returns how many took it.
-    pub fn deliver(&self, users: &[UserId], frame: &Utf8Bytes) -> usize {
+    /// Queues `frame` on every connection of `users`; returns how many took it. A message's
+    /// `committed_at` times its push latency.
+    pub fn deliver(&self, users: &[UserId], frame: &Utf8Bytes, committed_at: Option<Timestamp>) -> usize {
         let users_map = self.users.read();
         let mut delivered = 0;
         for user in users {
             let Some(conns) = users_map.get(user) else { continue };
             for c in conns {
+                let _push = tracing::info_span!(target: TRACE, "push", user = %user, conn = c.id).entered();
                 match c.frames.try_send(frame.clone()) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -170,6 +175,10 @@ impl Hub {
             }
         }
         metrics::counter!("convoy_push_deliveries_total").increment(delivered as u64);
+        if let Some(at) = committed_at.filter(|_| delivered > 0) {
+            let millis = crate::shard::now().0.saturating_sub(at.0);
+            metrics::histogram!("convoy_push_seconds").record(millis as f64 / 1000.0);
+        }
         delivered
     }
 }

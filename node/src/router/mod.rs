@@ -14,11 +14,13 @@ use convoy_actors::ops::Route;
 use convoy_actors::{EntityKey, ErrorCode, Rejection};
 use parking_lot::RwLock;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cluster::transport::Transport;
 use crate::cluster::view::ClusterView;
 use crate::cluster::wire::{Call, CallReply, Routed};
 use crate::shard::{Leadership, NodeId, RaftGroupId, ShardHost};
+use crate::telemetry::trace::TARGET as TRACE;
 
 /// The shard an entity lives in. Stable across versions and nodes: xxh3 of the kind and
 /// the id, modulo the cluster's fixed shard count.
@@ -175,6 +177,11 @@ impl Router {
     /// Runs `op` on the shard's leader, wherever it is, waiting for one to exist.
     async fn route(&self, op: Op) -> Result<Reply, Rejection> {
         let group = self.shard_of(op.key());
+        let span = tracing::info_span!(target: TRACE, "route", entity = %op.key(), shard = %group);
+        self.route_to(group, op).instrument(span).await
+    }
+
+    async fn route_to(&self, group: RaftGroupId, op: Op) -> Result<Reply, Rejection> {
         let deadline = Instant::now() + self.inner.leader_wait;
         loop {
             let failure = match self.target(group) {
@@ -210,7 +217,8 @@ impl Router {
         let remote = self.inner.remote.get().expect("a remote target implies a transport");
         let call = Call::Route(op.routed());
         metrics::counter!("convoy_router_forwards_total").increment(1);
-        match remote.transport.call(node, &call, self.inner.request_timeout).await {
+        let hop = tracing::info_span!(target: TRACE, "hop", to = %format_args!("{node:x}"));
+        match remote.transport.call(node, &call, self.inner.request_timeout).instrument(hop).await {
             Ok(CallReply::Routed(result)) => Ok(result),
             Ok(CallReply::NotHere { reason, .. }) => Err(unavailable(reason)),
             Ok(other) => Err(Rejection::new(ErrorCode::Internal, format!("node {node:x} answered oddly: {other:?}"))),

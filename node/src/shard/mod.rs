@@ -25,12 +25,14 @@ use openraft::{ChangeMembers, Config, ReadPolicy, ServerState};
 pub use state_machine::{AppliedEffects, AppliedSink, ShardStateMachine};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 pub use types::*;
 
 use crate::cluster::meta::MetaCommand;
 use crate::entity::EntityHost;
 use crate::store::raft_log::RaftLog;
 use crate::store::{Store, StoreError};
+use crate::telemetry::trace::{self, TARGET as TRACE};
 use network::{Network, NetworkFactory, RaftTransport};
 
 /// Raft timing and sizing, from `raft.*` in the configuration.
@@ -294,13 +296,20 @@ impl ShardHost {
     /// Appends a command for `key` and waits for it to be applied.
     pub async fn propose(&self, key: EntityKey, cmd: Command) -> Result<Reply, Rejection> {
         self.check_leading()?;
-        let req = RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: None });
+        let span = tracing::info_span!(target: TRACE, "raft.commit", shard = %self.group, index = tracing::field::Empty, batch_size = tracing::field::Empty);
+        let req =
+            RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: span.in_scope(trace::traceparent) });
         let started = std::time::Instant::now();
-        let written = self.while_leading(async { Ok(self.raft.client_write(req).await) }).await?;
-        metrics::histogram!("convoy_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+        let written =
+            self.while_leading(async { Ok(self.raft.client_write(req).await) }).instrument(span.clone()).await?;
+        metrics::histogram!("convoy_raft_commit_seconds", "group" => self.group.to_string())
+            .record(started.elapsed().as_secs_f64());
         match written {
             Ok(resp) => match resp.response() {
-                ApplyResult::Entity(reply) => (**reply).clone(),
+                ApplyResult::Entity { reply, batch } => {
+                    span.record("index", resp.log_id().index()).record("batch_size", batch);
+                    (**reply).clone()
+                }
                 ApplyResult::Meta(_) | ApplyResult::Nothing => {
                     Err(Rejection::new(ErrorCode::Internal, "an entity command applied to something else"))
                 }

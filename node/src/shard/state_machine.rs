@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::data::ShardData;
 use super::{ApplyResult, LogId, RaftGroupId, RaftRequest, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
+use crate::telemetry::trace;
 
 pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
@@ -32,6 +33,8 @@ pub struct AppliedEffects {
     pub key: EntityKey,
     pub appended: Vec<LogEntry>,
     pub notices: Vec<Notice>,
+    /// The apply span's context, so the pushes join the command's trace.
+    pub traceparent: Option<String>,
 }
 
 /// Receives what was applied, on the node that leads the group.
@@ -185,6 +188,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let mut timer_changes = Vec::new();
         let mut cluster: Option<crate::cluster::meta::ClusterState> = None;
         let mut count = 0u64;
+        let mut applying: Vec<tracing::Span> = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             count += 1;
             let log_id = entry.log_id();
@@ -203,6 +207,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ApplyResult::Meta(state.apply(cmd))
                 }
                 EntryPayload::Normal(RaftRequest::Entity(c)) => {
+                    let span = trace::continued(
+                        c.traceparent.as_deref(),
+                        || tracing::info_span!(target: trace::TARGET, "apply", shard = %group, entity = %c.key, index = log_id.index(), batch_size = tracing::field::Empty, trace_id = tracing::field::Empty),
+                    );
+                    let traceparent = span.in_scope(trace::traceparent);
+                    if !span.is_none() {
+                        applying.push(span);
+                    }
                     let state = match states.get_mut(&c.key) {
                         Some(s) => s,
                         None => {
@@ -241,9 +253,10 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                             key: c.key,
                             appended: outcome.appended,
                             notices: outcome.notices,
+                            traceparent,
                         });
                     }
-                    ApplyResult::Entity(Arc::new(outcome.reply))
+                    ApplyResult::Entity { reply: Arc::new(outcome.reply), batch: 0 }
                 }
             };
             if let Some(responder) = responder {
@@ -259,7 +272,16 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             batch.put(keys::cluster_state(group), codec::encode(state));
         }
         batch.put(keys::applied(group), codec::encode(&self.meta));
-        metrics::histogram!("convoy_apply_batch_entries").record(count as f64);
+        metrics::histogram!("convoy_apply_batch_entries", "group" => group.to_string()).record(count as f64);
+        let batch_size = u32::try_from(count).unwrap_or(u32::MAX);
+        for (_, result) in &mut replies {
+            if let ApplyResult::Entity { batch, .. } = result {
+                *batch = batch_size;
+            }
+        }
+        for span in &applying {
+            span.record("batch_size", batch_size);
+        }
 
         self.batches += 1;
         let batch_no = self.batches;
@@ -283,7 +305,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 broken.store(true, std::sync::atomic::Ordering::SeqCst);
                 let failed = Rejection::new(ErrorCode::Internal, format!("storage failed: {e}"));
                 for (responder, _) in replies {
-                    responder.send(ApplyResult::Entity(Arc::new(Err(failed.clone()))));
+                    responder.send(ApplyResult::Entity { reply: Arc::new(Err(failed.clone())), batch: batch_size });
                 }
                 return;
             }
@@ -310,6 +332,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             if !effects.is_empty() {
                 data.deliver(effects);
             }
+            // The apply spans end here: applied, durable and handed on.
+            drop(applying);
         };
         self.store.writer().submit(batch, Durability::Visible, on_visible).await?;
         Ok(())

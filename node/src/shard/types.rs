@@ -80,7 +80,11 @@ impl fmt::Display for RaftRequest {
 /// or sent, so its serde impls refuse to work rather than invent a wire form.
 #[derive(Debug, Clone)]
 pub enum ApplyResult {
-    Entity(Arc<Result<Reply, Rejection>>),
+    /// `batch`: how many entries were applied (and written) together with this one.
+    Entity {
+        reply: Arc<Result<Reply, Rejection>>,
+        batch: u32,
+    },
     Meta(Result<(), MetaError>),
     Nothing,
 }

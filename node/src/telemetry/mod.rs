@@ -1,19 +1,70 @@
-//! Logs and metrics. Logs go to stderr (stdout carries the ready line), as text or JSON.
+//! Logs, traces and metrics. Logs go to stderr (stdout carries the ready line), as text or
+//! JSON, each line naming the node; traces go to an OTLP collector when one is configured.
 
+mod logs;
+pub mod trace;
+
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use convoy_config::{LogFormat, TelemetryConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the log subscriber. `RUST_LOG`, when set, overrides the configured level.
-pub fn init_logs(cfg: &TelemetryConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match cfg.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+/// Flushes buffered spans on the way out.
+#[must_use = "dropping the guard without `shutdown` may lose the last spans"]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporter.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.tracer {
+            // Blocks until the exporter is done: off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+    }
+}
+
+/// Installs logging and, when `telemetry.otlp_endpoint` is set, trace export for the node
+/// named `node`. `RUST_LOG`, when set, overrides the configured log level. Call inside the
+/// tokio runtime.
+pub fn init(cfg: &TelemetryConfig, node: &str) -> Result<Telemetry, trace::TraceSetupError> {
+    let tracer = cfg.otlp_endpoint.as_deref().map(|endpoint| trace::provider(cfg, endpoint, node)).transpose()?;
+    let mut log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
+    if tracer.is_none() {
+        // Nobody wants trace spans: switch their callsites off, so they cost nothing.
+        log_filter = log_filter.add_directive(format!("{}=off", trace::TARGET).parse().expect("a valid directive"));
+    }
+    let log_layer = match cfg.log_format {
+        LogFormat::Json => {
+            let format = tracing_subscriber::fmt::format().json().flatten_event(true);
+            tracing_subscriber::fmt::layer()
+                .json()
+                .event_format(logs::WithNode::json(node, format))
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_filter(log_filter)
+                .boxed()
+        }
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(logs::WithNode::text(node, tracing_subscriber::fmt::format()))
+            .with_writer(std::io::stderr)
+            // Colours only for a person at a terminal, never in files or collectors.
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .with_filter(log_filter)
+            .boxed(),
     };
+    let trace_layer = tracer.as_ref().map(|provider| {
+        let only_traces = tracing_subscriber::filter::Targets::new().with_target(trace::TARGET, tracing::Level::INFO);
+        trace::layer(provider).with_filter(only_traces)
+    });
+    let _ = tracing_subscriber::registry().with(log_layer).with(trace_layer).try_init();
+    Ok(Telemetry { tracer })
 }
 
 const SECONDS_BUCKETS: &[f64] =
