@@ -181,9 +181,15 @@ pub fn spawn(
                         let timeout = settings.failure_timeout;
                         tokio::spawn(async move {
                             let call = Call::Heartbeat { reports: r.local() };
-                            if let Ok(CallReply::Heartbeat { reports }) = t.call(node, &call, timeout).await {
-                                r.received(node, reports);
-                            }
+                            let answered = match t.call(node, &call, timeout).await {
+                                Ok(CallReply::Heartbeat { reports }) => {
+                                    r.received(node, reports);
+                                    "ok"
+                                }
+                                Ok(_) => "odd_reply",
+                                Err(_) => "failed",
+                            };
+                            metrics::counter!("convoy_peer_heartbeats_total", "result" => answered).increment(1);
                         });
                     }
                 }

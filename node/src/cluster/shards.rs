@@ -102,6 +102,9 @@ impl Shards {
         let Some(host) = self.router.remove_local(group) else { return };
         tracing::info!(%group, "no longer a replica here: stopping and deleting its data");
         host.shutdown().await;
+        for gauge in ["convoy_raft_leader", "convoy_raft_follower_lag_entries"] {
+            metrics::gauge!(gauge, "group" => group.to_string()).set(0.0);
+        }
         let mut batch = WriteBatch::new();
         let (lo, hi) = keys::raft_group(group);
         batch.delete_range(lo, hi);
@@ -125,6 +128,9 @@ impl Shards {
             let state = cluster.borrow_and_update().clone();
             self.reconcile(&state).await;
             self.view.update(self.res.me, self.reports());
+            for host in self.router.local_hosts() {
+                record_raft_gauges(&host);
+            }
             tokio::select! {
                 _ = cluster.changed() => {}
                 _ = tokio::time::sleep(RECONCILE_EVERY) => {}
@@ -180,6 +186,29 @@ impl Shards {
 }
 
 /// A hosted group's state from its Raft metrics.
+/// Per-shard Raft gauges: this replica's log and applied index, whether it leads, and as
+/// leader how far its slowest follower is behind (0 elsewhere, so no stale lag lingers).
+fn record_raft_gauges(host: &ShardHost) {
+    let m = host.raft().metrics().borrow_watched().clone();
+    let group = host.group().to_string();
+    let last_log = m.last_log_index.unwrap_or(0);
+    let leading = m.current_leader == Some(host.node()) && m.state == openraft::ServerState::Leader;
+    let slowest = match (&m.replication, leading) {
+        (Some(replication), true) => replication
+            .iter()
+            .filter(|(node, _)| **node != host.node())
+            .map(|(_, matched)| last_log.saturating_sub(matched.as_ref().map_or(0, |l| l.index)))
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    };
+    metrics::gauge!("convoy_raft_last_log_index", "group" => group.clone()).set(last_log as f64);
+    metrics::gauge!("convoy_raft_applied_index", "group" => group.clone())
+        .set(m.last_applied.map_or(0, |l| l.index) as f64);
+    metrics::gauge!("convoy_raft_leader", "group" => group.clone()).set(if leading { 1.0 } else { 0.0 });
+    metrics::gauge!("convoy_raft_follower_lag_entries", "group" => group).set(slowest as f64);
+}
+
 pub fn report(host: &ShardHost) -> GroupReport {
     let m = host.raft().metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();

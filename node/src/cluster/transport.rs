@@ -447,7 +447,12 @@ impl Transport {
             last_heard: Arc::new(AtomicU64::new(self.millis())),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)),
         };
-        let replaced = self.links.write().insert(node, link);
+        let replaced = {
+            let mut links = self.links.write();
+            let replaced = links.insert(node, link);
+            metrics::gauge!("convoy_peers_connected").set(links.len() as f64);
+            replaced
+        };
         if let Some(old) = replaced
             && old.session.get_id() != session.actor.get_id()
         {
@@ -467,6 +472,7 @@ impl Transport {
             return;
         };
         let link = links.remove(&node).expect("just found");
+        metrics::gauge!("convoy_peers_connected").set(links.len() as f64);
         drop(links);
         tracing::warn!(peer = %link.hello.addr, "peer down: session closed");
         metrics::counter!("convoy_peers_down_total").increment(1);
@@ -475,7 +481,12 @@ impl Transport {
 
     /// Closes the session to `node` (it went silent); the peer manager dials it again.
     pub fn drop_link(&self, node: NodeId, reason: &str) {
-        let link = self.links.write().remove(&node);
+        let link = {
+            let mut links = self.links.write();
+            let link = links.remove(&node);
+            metrics::gauge!("convoy_peers_connected").set(links.len() as f64);
+            link
+        };
         if let Some(link) = link {
             tracing::warn!(peer = %link.hello.addr, reason, "closing the session to a peer");
             link.session.stop(Some(reason.to_string()));

@@ -137,10 +137,11 @@ impl EntityHost {
         if let Some(data) = self.data.get() {
             data.set_sink(None);
         }
-        let stopped: Vec<Handle> = self.actors.lock().drain().map(|(_, h)| h).collect();
+        let stopped: Vec<(EntityKey, Handle)> = self.actors.lock().drain().collect();
         self.by_id.lock().clear();
         self.active_on_node.fetch_sub(stopped.len(), Ordering::SeqCst);
-        for h in stopped {
+        for (key, h) in stopped {
+            metrics::gauge!("convoy_entities_alive", "kind" => key.kind().as_str()).decrement(1.0);
             h.actor.stop(Some("shard leadership lost".into()));
         }
         metrics::gauge!("convoy_entities_active", "group" => self.group.to_string()).set(0.0);
@@ -205,6 +206,7 @@ impl EntityHost {
         self.by_id.lock().insert(actor.get_id(), key.clone());
         actors.insert(key.clone(), Handle { actor: actor.clone(), queued: queued.clone(), last_used });
         metrics::counter!("convoy_entity_activations_total", "kind" => key.kind().as_str()).increment(1);
+        metrics::gauge!("convoy_entities_alive", "kind" => key.kind().as_str()).increment(1.0);
         metrics::gauge!("convoy_entities_active", "group" => self.group.to_string()).set(actors.len() as f64);
         Ok((actor, queued))
     }
@@ -217,7 +219,9 @@ impl EntityHost {
 
     async fn request_in_actor(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
         let (actor, queued) = self.actor_for(&key).await?;
-        if queued.fetch_add(1, Ordering::SeqCst) >= self.limits.mailbox {
+        let depth = queued.fetch_add(1, Ordering::SeqCst);
+        metrics::histogram!("convoy_entity_mailbox_depth").record(depth as f64);
+        if depth >= self.limits.mailbox {
             queued.fetch_sub(1, Ordering::SeqCst);
             metrics::counter!("convoy_limit_hits_total", "limit" => "entity_mailbox").increment(1);
             return Err(Rejection::new(ErrorCode::RateLimited, format!("{key} has too many requests queued")));
@@ -243,6 +247,7 @@ impl EntityHost {
         let mut actors = self.actors.lock();
         if actors.get(&key).is_some_and(|h| h.actor.get_id() == *id) {
             actors.remove(&key);
+            metrics::gauge!("convoy_entities_alive", "kind" => key.kind().as_str()).decrement(1.0);
             self.active_on_node.fetch_sub(1, Ordering::SeqCst);
             metrics::gauge!("convoy_entities_active", "group" => self.group.to_string()).set(actors.len() as f64);
         }
@@ -252,20 +257,20 @@ impl EntityHost {
     fn sweep(&self) {
         let now = self.millis();
         let idle_ms = self.limits.idle.as_millis() as u64;
-        let idle: Vec<ActorRef<EntityMsg>> = self
+        let idle: Vec<(&'static str, ActorRef<EntityMsg>)> = self
             .actors
             .lock()
-            .values()
-            .filter(|h| {
+            .iter()
+            .filter(|(_, h)| {
                 now.saturating_sub(h.last_used.load(Ordering::Relaxed)) >= idle_ms
                     && h.queued.load(Ordering::SeqCst) == 0
             })
-            .map(|h| h.actor.clone())
+            .map(|(k, h)| (k.kind().as_str(), h.actor.clone()))
             .collect();
-        for actor in idle {
+        for (kind, actor) in idle {
             // The supervisor forgets it when it has stopped.
             actor.stop(Some("idle".into()));
-            metrics::counter!("convoy_entity_passivations_total").increment(1);
+            metrics::counter!("convoy_entity_passivations_total", "kind" => kind).increment(1);
         }
     }
 }

@@ -323,12 +323,11 @@ fn hello(
         Some(serde_json::Value::String(t)) => t,
         _ => return Err(Rejection::new(ErrorCode::Unauthorized, "hello needs a token (a JWT string)")),
     };
-    if let Some(device) = req.fields.get("device") {
-        match device {
-            serde_json::Value::String(d) if !d.is_empty() && d.chars().count() <= 64 => {}
-            _ => return Err(Rejection::bad_request("device must be a string of 1..64 characters")),
-        }
-    }
+    let device: Option<Arc<str>> = match req.fields.get("device") {
+        None => None,
+        Some(serde_json::Value::String(d)) if !d.is_empty() && d.chars().count() <= 64 => Some(Arc::from(d.as_str())),
+        Some(_) => return Err(Rejection::bad_request("device must be a string of 1..64 characters")),
+    };
     let verified = gw.keys.verify(token)?;
     let principal = verified.principal;
     if let Some(s) = session.as_mut() {
@@ -339,7 +338,7 @@ fn hello(
         s.expires_at = unix_to_instant(verified.expires_at);
         s.principal = principal;
     } else {
-        let registration = gw.hub.register(principal.user.clone(), frames_tx.clone(), overflow.clone());
+        let registration = gw.hub.register(principal.user.clone(), device, frames_tx.clone(), overflow.clone());
         let presence = gw.sessions.opened(&principal);
         *session = Some(Session {
             principal,

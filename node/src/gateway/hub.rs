@@ -17,6 +17,9 @@ use crate::telemetry::trace::TARGET as TRACE;
 /// Where the hub delivers one connection's frames.
 pub struct ConnSink {
     pub id: u64,
+    /// The device the client named in `hello`; connections without one count as devices of
+    /// their own.
+    pub device: Option<Arc<str>>,
     pub frames: mpsc::Sender<Utf8Bytes>,
     /// Notified when the queue overflowed: the connection must close.
     pub overflow: Arc<Notify>,
@@ -74,10 +77,16 @@ impl Drop for Registration {
     }
 }
 
+/// Whether a connection from `device` would be the first of that device among `conns`.
+fn is_new_device(conns: &[ConnSink], device: Option<&str>) -> bool {
+    device.is_none_or(|d| !conns.iter().any(|c| c.device.as_deref() == Some(d)))
+}
+
 impl Hub {
     pub fn register(
         self: &Arc<Self>,
         user: UserId,
+        device: Option<Arc<str>>,
         frames: mpsc::Sender<Utf8Bytes>,
         overflow: Arc<Notify>,
     ) -> Registration {
@@ -85,7 +94,10 @@ impl Hub {
         let mut users = self.users.write();
         let conns = users.entry(user.clone()).or_default();
         let announces = conns.is_empty().then(|| self.note(&user, true));
-        conns.push(ConnSink { id, frames, overflow });
+        if is_new_device(conns, device.as_deref()) {
+            metrics::gauge!("convoy_devices_connected").increment(1.0);
+        }
+        conns.push(ConnSink { id, device, frames, overflow });
         metrics::gauge!("convoy_users_connected").set(users.len() as f64);
         Registration { hub: self.clone(), user, id, announces }
     }
@@ -93,7 +105,12 @@ impl Hub {
     fn unregister(&self, user: &UserId, id: u64) {
         let mut users = self.users.write();
         if let Some(conns) = users.get_mut(user) {
-            conns.retain(|c| c.id != id);
+            if let Some(at) = conns.iter().position(|c| c.id == id) {
+                let gone = conns.swap_remove(at);
+                if is_new_device(conns, gone.device.as_deref()) {
+                    metrics::gauge!("convoy_devices_connected").decrement(1.0);
+                }
+            }
             if conns.is_empty() {
                 users.remove(user);
                 self.note(user, false);
