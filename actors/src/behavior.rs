@@ -185,11 +185,12 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
             let group = id.clone();
             Handling::Task(Box::pin(async move {
                 let reply = rt.propose(key, Command::Group(cmd)).await?;
-                if reply == (Reply::Updated { changed: true }) {
-                    // Best effort: an inbox that still names the group is filtered on read.
-                    let forget = Request::User(UserCommand::Forget { group });
-                    let _ = rt.request(EntityKey::User(user), forget).await;
-                }
+                // The user is not a member now. Forget even when this request changed nothing:
+                // it may retry a removal whose forget was lost in a crash, and a stale listing
+                // would count against the user's group limit forever. Best effort: an inbox
+                // that still names the group is filtered on read.
+                let forget = Request::User(UserCommand::Forget { group });
+                let _ = rt.request(EntityKey::User(user), forget).await;
                 Ok(reply)
             }))
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use convoy_tests::desk::call;
 use convoy_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use convoy_tests::{
-    Cluster, Member, NodeOptions, connect, connect_device, http, next_event, open_group, unique, wait_until,
+    Cluster, Member, Node, NodeOptions, admin_post, connect, connect_device, http, next_event, open_group, server_code,
+    unique, wait_until,
 };
 use serde_json::json;
 
@@ -230,4 +231,83 @@ async fn the_metrics_operators_need_are_exported_documented_and_on_the_dashboard
     assert!(unknown.is_empty(), "the dashboard plots metrics that do not exist: {unknown:?}");
     let off_dashboard: Vec<&&str> = required.iter().filter(|r| !plotted.contains(**r)).collect();
     assert!(off_dashboard.is_empty(), "not on the dashboard: {off_dashboard:?}");
+}
+
+/// A `msg.send` carrying `traceparent`.
+fn traced_send(group: &str, client_msg_id: &str, traceparent: &str) -> serde_json::Value {
+    json!({
+        "group": group, "client_msg_id": client_msg_id, "body": {"type": "text", "text": "traced"},
+        "traceparent": traceparent,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_keeps_no_new_traces_at_zero_but_follows_a_clients_sampled_flag() {
+    let otlp = OtlpReceiver::start().await;
+    let node = Node::start(
+        NodeOptions::new()
+            .set("telemetry.otlp_endpoint", otlp.grpc_endpoint.as_str())
+            .set("telemetry.sampling_ratio", 0.0),
+    );
+    let client = connect(&node, &unique("d"), &["dispatcher"]).await;
+    let mut events = client.events().expect("events");
+    let group = unique("g-sampled");
+    open_group(&client, &group, vec![]).await;
+    let unsampled = random_hex(16);
+    call(&client, "msg.send", traced_send(&group, "m1", &format!("00-{unsampled}-{}-00", random_hex(8)))).await;
+    let kept = random_hex(16);
+    let sent = call(&client, "msg.send", traced_send(&group, "m2", &format!("00-{kept}-{}-01", random_hex(8)))).await;
+    let seq = sent["seq"].as_u64().expect("seq");
+    assert!(next_event(&mut events, Duration::from_secs(10), |ev| ev["seq"] == seq).await.is_some());
+
+    // Spans leave in the order they end: once the kept trace's push is there, anything
+    // sampled before it would be too.
+    let arrived =
+        wait_until(Duration::from_secs(30), || async { otlp.trace(&kept).iter().any(|s| s.name == "push") }).await;
+    assert!(arrived, "the client's sampled trace is exported: {:#?}", otlp.spans());
+    let names: BTreeSet<String> = otlp.trace(&kept).iter().map(|s| s.name.clone()).collect();
+    for name in ["request", "route", "entity", "raft.commit", "apply", "fanout", "push"] {
+        assert!(names.contains(name), "{name} in the kept trace: {names:?}");
+    }
+    let others: Vec<ReceivedSpan> = otlp.spans().into_iter().filter(|s| s.trace_id != kept).collect();
+    assert!(others.is_empty(), "nothing but the client's sampled trace is kept at ratio 0: {others:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_name_the_node_the_entity_and_the_trace() {
+    let otlp = OtlpReceiver::start().await;
+    let node = Node::start(
+        NodeOptions::new()
+            .set("telemetry.otlp_endpoint", otlp.grpc_endpoint.as_str())
+            .set("telemetry.log_format", "json")
+            .set("chaos.enabled", true)
+            .set("timeouts.request_timeout", "1s"),
+    );
+    let client = connect(&node, &unique("d"), &["dispatcher"]).await;
+    let group = unique("g-logged");
+    open_group(&client, &group, vec![]).await;
+
+    // A stalled disk makes the send time out inside the node, which logs it.
+    assert_eq!(admin_post(&node, "/v1/chaos/storage/stall").await.status, 200);
+    let trace_id = random_hex(16);
+    let sending = traced_send(&group, "stuck", &format!("00-{trace_id}-{}-01", random_hex(8)));
+    let code = server_code(client.request("msg.send", sending).await, "a send while the disk stalls");
+    assert_eq!(code, "unavailable");
+    assert_eq!(admin_post(&node, "/v1/chaos/storage/heal").await.status, 200);
+
+    let log = std::fs::read_to_string(node.log_path()).expect("the node's log");
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a JSON log line ({e}): {l}"))).collect();
+    assert!(lines.iter().all(|l| l["node"] == "n1"), "every line names the node");
+    let timed_out = lines
+        .iter()
+        .find(|l| l["message"] == "request timed out inside the cluster")
+        .unwrap_or_else(|| panic!("the timeout is logged:\n{log}"));
+    assert_eq!(timed_out["level"], "WARN");
+    assert_eq!(timed_out["entity"], format!("group/{group}"), "{timed_out}");
+    assert_eq!(
+        timed_out["span"]["trace_id"],
+        trace_id.as_str(),
+        "the line carries the request's trace id: {timed_out}"
+    );
 }

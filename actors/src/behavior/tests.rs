@@ -193,6 +193,28 @@ async fn removal_takes_the_group_out_of_the_inbox_and_the_removed_member_hears_i
 }
 
 #[tokio::test]
+async fn retrying_a_removal_forgets_a_listing_a_crash_left_behind() {
+    let rt = LocalRuntime::default();
+    let disp = person("disp", "dispatcher");
+    rt.call(&disp, "group.open", OPEN).await.unwrap();
+    // The removal commits, then the node dies before the inbox forgets the group.
+    let group = EntityKey::Group(GroupId::parse("exc-1").unwrap());
+    let by = crate::Caller { user: UserId::parse("disp").unwrap(), admin: false };
+    let remove = GroupCommand::Remove { user: UserId::parse("driver").unwrap(), by };
+    rt.apply(&group, Command::Group(remove));
+    let driver_key = EntityKey::User(UserId::parse("driver").unwrap());
+    let listed = |rt: &LocalRuntime| match rt.state(&driver_key) {
+        Some(EntityState::User(u)) => u.groups.len(),
+        _ => 0,
+    };
+    assert_eq!(listed(&rt), 1, "the stale listing counts against the user's group limit");
+    // The client retries; the group changes nothing, the inbox still forgets.
+    let retried = rt.call(&disp, "group.remove", r#"{"group":"exc-1","user":"driver"}"#).await.unwrap();
+    assert_eq!(retried, Reply::Updated { changed: false });
+    assert_eq!(listed(&rt), 0);
+}
+
+#[tokio::test]
 async fn inbox_counts_unread_and_reads_are_shared() {
     let rt = LocalRuntime::default();
     let disp = person("disp", "dispatcher");

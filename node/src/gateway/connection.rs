@@ -281,9 +281,19 @@ fn admit(gw: &Gateway, req: &frame::RequestFrame, pending: usize, in_flight: &Ha
 
 async fn run(gw: Arc<Gateway>, id: String, op: String, route: ops::Route) -> Outcome {
     let started = Instant::now();
+    let entity = route.key().clone();
     let result = match timeout(gw.limits.request_timeout, gw.router.dispatch(route)).await {
+        Ok(Err(r)) if r.code == ErrorCode::Internal => {
+            tracing::error!(%entity, %op, error = %r.message, "request failed inside the node");
+            Err(r)
+        }
         Ok(r) => r,
-        Err(_) => Err(Rejection::new(ErrorCode::Unavailable, "the request timed out inside the cluster; retry")),
+        Err(_) => {
+            // Leaderless shards answer within `leader_wait`; a timeout means a stuck shard.
+            let limit = gw.limits.request_timeout;
+            tracing::warn!(%entity, %op, timeout = ?limit, "request timed out inside the cluster");
+            Err(Rejection::new(ErrorCode::Unavailable, "the request timed out inside the cluster; retry"))
+        }
     };
     let code = match &result {
         Ok(_) => "ok",
