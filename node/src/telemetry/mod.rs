@@ -10,6 +10,7 @@ use std::time::Duration;
 use convoy_config::{LogFormat, TelemetryConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -35,11 +36,16 @@ impl Telemetry {
 /// tokio runtime.
 pub fn init(cfg: &TelemetryConfig, node: &str) -> Result<Telemetry, trace::TraceSetupError> {
     let tracer = cfg.otlp_endpoint.as_deref().map(|endpoint| trace::provider(cfg, endpoint, node)).transpose()?;
-    let mut log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
+    let mut env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
     if tracer.is_none() {
         // Nobody wants trace spans: switch their callsites off, so they cost nothing.
-        log_filter = log_filter.add_directive(format!("{}=off", trace::TARGET).parse().expect("a valid directive"));
+        env_filter = env_filter.add_directive(format!("{}=off", trace::TARGET).parse().expect("a valid directive"));
     }
+    // Log lines need a request's trace id, which its first span on each node records; the
+    // spans inside it would only cost formatting.
+    let log_filter = env_filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.target() != trace::TARGET || trace::CARRIES_TRACE_ID.contains(&meta.name())
+    }));
     let log_layer = match cfg.log_format {
         LogFormat::Json => {
             let format = tracing_subscriber::fmt::format().json().flatten_event(true);

@@ -22,6 +22,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The `tracing` target of every span that is part of a trace.
 pub const TARGET: &str = "convoy::trace";
 
+/// The spans that open a trace's part on a node and record its `trace_id` for log lines.
+pub const CARRIES_TRACE_ID: &[&str] = &["request", "serve", "deliver", "apply", "fanout"];
+
 /// Name of the tracer (the instrumentation scope) on every span.
 const SCOPE: &str = "convoy";
 
