@@ -221,6 +221,8 @@ impl Router {
         match remote.transport.call(node, &call, self.inner.request_timeout).instrument(hop).await {
             Ok(CallReply::Routed(result)) => Ok(result),
             Ok(CallReply::NotHere { reason, .. }) => Err(unavailable(reason)),
+            // Busy with other peers' requests, or could not read ours: try again shortly.
+            Ok(CallReply::Failed(reason)) => Err(unavailable(format!("node {node:x} could not take it: {reason}"))),
             Ok(other) => Err(Rejection::new(ErrorCode::Internal, format!("node {node:x} answered oddly: {other:?}"))),
             Err(e) => Err(unavailable(e.to_string())),
         }
