@@ -20,7 +20,7 @@ use super::wire::{Call, Cast, PresenceUpdate};
 use crate::entity::Pusher;
 use crate::gateway::hub::Hub;
 use crate::shard::NodeId;
-use crate::telemetry::trace::TARGET as TRACE;
+use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Presence changes are sent at most this often (they batch in between).
 const BATCH: Duration = Duration::from_millis(5);
@@ -116,9 +116,10 @@ impl Pusher for Presence {
             }
         }
         for (node, users) in by_node {
-            let _send =
+            let _send = trace::child(|| {
                 tracing::info_span!(target: TRACE, "fanout.send", to = %format_args!("{node:x}"), users = users.len())
-                    .entered();
+            })
+            .entered();
             let cast = Cast::Push { users, frame: frame.to_string(), committed_at };
             if self.transport.cast(node, &cast).is_err() {
                 metrics::counter!("convoy_pushes_dropped_total", "reason" => "peer_unreachable").increment(1);

@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::telemetry::trace::TARGET as TRACE;
+use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Where the hub delivers one connection's frames.
 pub struct ConnSink {
@@ -180,7 +180,8 @@ impl Hub {
         for user in users {
             let Some(conns) = users_map.get(user) else { continue };
             for c in conns {
-                let _push = tracing::info_span!(target: TRACE, "push", user = %user, conn = c.id).entered();
+                let _push =
+                    trace::child(|| tracing::info_span!(target: TRACE, "push", user = %user, conn = c.id)).entered();
                 match c.frames.try_send(frame.clone()) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {

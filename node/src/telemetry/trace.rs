@@ -150,6 +150,12 @@ pub fn continued(traceparent: Option<&str>, make: impl FnOnce() -> tracing::Span
     span
 }
 
+/// The span `make` creates, only inside a traced request: work done for no request (a
+/// timer's push, a presence update) would otherwise start a one-span trace of its own.
+pub fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if tracing::Span::current().is_none() { tracing::Span::none() } else { make() }
+}
+
 /// A `traceparent` a client sent: well formed (version 00) or refused.
 pub fn valid_traceparent(text: &str) -> bool {
     let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(text)));
