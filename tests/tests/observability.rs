@@ -46,16 +46,17 @@ async fn a_message_is_one_trace_across_the_three_nodes_it_touches() {
         NodeOptions::new().set("telemetry.otlp_endpoint", endpoint.as_str()).set("telemetry.otlp_protocol", protocol)
     });
 
-    // A group led by n2, a sender on n1 and a member on n3.
+    // A group led by n2, a sender on n1 and a member on n3. Right after start n2 may lead no
+    // shard yet: the cluster spreads leaders shortly after.
     let mut group = None;
-    for _ in 0..60 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while group.is_none() && std::time::Instant::now() < deadline {
         let candidate = unique("g-trace");
         if cluster.wait_for_leader(0, "group", &candidate, None, Duration::from_secs(10)).await == Some(1) {
             group = Some(candidate);
-            break;
         }
     }
-    let group = group.expect("some group id hashes to a shard led by n2");
+    let group = group.expect("some group id hashes to a shard led by n2 within 30 s");
     let (sender_id, member_id) = (unique("d"), unique("c"));
     let sender = connect(cluster.node(0), &sender_id, &["dispatcher"]).await;
     let member = connect(cluster.node(2), &member_id, &["customer"]).await;
@@ -77,12 +78,15 @@ async fn a_message_is_one_trace_across_the_three_nodes_it_touches() {
     let pushed = next_event(&mut events, Duration::from_secs(10), |ev| ev["ev"] == "msg" && ev["seq"] == seq).await;
     assert!(pushed.is_some(), "the member on n3 got the message");
 
-    // Spans arrive as each node's exporter flushes its batch.
+    // Spans arrive as each node's exporter flushes its batch, each node on its own clock:
+    // wait until every span's parent has arrived too (or is the client's).
     let complete = |spans: &[ReceivedSpan]| {
         let nodes: BTreeSet<&str> = spans.iter().map(|s| s.instance.as_str()).collect();
+        let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
         nodes.len() == 3
             && spans.iter().any(|s| s.name == "push" && s.instance == "n3")
             && spans.iter().any(|s| s.name == "apply" && s.instance != "n2")
+            && spans.iter().all(|s| s.parent_id == client_span || ids.contains(s.parent_id.as_str()))
     };
     let arrived = wait_until(Duration::from_secs(30), || async { complete(&otlp.trace(&trace_id)) }).await;
     let spans = otlp.trace(&trace_id);
