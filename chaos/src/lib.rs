@@ -6,6 +6,7 @@
 //!   measuring throughput, ack and push latency, and server memory per connection.
 //! - [`run`]: `up`, `down` and `run`: local clusters, scenarios, faults and the chaos workload.
 //! - [`check`]: the history of a chaos run and the checker that proves nothing was lost.
+//! - [`metrics`]: reading the nodes' `/metrics`.
 //! - [`sys`]: process memory and file-descriptor helpers.
 //!
 //! The crate is written against the published protocol document alone, like any third-party
@@ -14,6 +15,7 @@
 pub mod check;
 pub mod client;
 pub mod load;
+pub mod metrics;
 pub mod run;
 pub mod sys;
 pub mod token;

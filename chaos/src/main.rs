@@ -63,8 +63,10 @@ enum Command {
     ///
     /// The last line printed is the verdict:
     /// `verdict: ok|violated lost=<n> unexpected=<n> duplicated=<n> reordered=<n> divergent=<n>
-    /// max_unavailable_ms=<n>`; the exit status is 0 only when it is ok. The history
-    /// (history.jsonl) and the report (report.json) are written to --dir.
+    /// max_unavailable_ms=<n>`. Exit status: 0 when it is ok, 1 on a violation, 3 when the
+    /// checks passed but the faults did not cause what the scenario's `[expect]` asks for (no
+    /// snapshot installed in a snapshot scenario, say), 2 when the run could not complete.
+    /// The history (history.jsonl) and the report (report.json) are written to --dir.
     Run(RunArgs),
     /// Check a recorded history (history.jsonl) again and print the verdict
     Check {
@@ -146,6 +148,9 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -230,8 +235,18 @@ async fn run_scenario(args: RunArgs) -> Result<ExitCode, BoxError> {
     println!("{}", outcome.verdict.summary());
     println!("history: {}", outcome.history.display());
     println!("report:  {}", outcome.report.display());
+    println!("snapshots installed: {}", outcome.snapshots_installed);
+    for unmet in &outcome.unmet {
+        println!("expectation not met: {unmet}");
+    }
     println!("{}", outcome.verdict.line());
-    Ok(if outcome.verdict.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if !outcome.verdict.ok() {
+        ExitCode::from(1)
+    } else if !outcome.unmet.is_empty() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn check(history: &std::path::Path) -> ExitCode {

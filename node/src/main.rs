@@ -9,6 +9,9 @@ use convoy_node::cli::{AdminArgs, Cli, ClusterCommand, Command, TokenArgs};
 use convoy_node::gateway::auth::TokenKeys;
 use convoy_node::node::{self, SecretPolicy};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");

@@ -3,7 +3,8 @@
 //!
 //! - [`node`]: [`Node`] starts a node from a generated configuration in a temporary data
 //!   directory and can stop, kill (-9) and restart it on the same data.
-//! - [`http`]: a tiny HTTP client for the admin endpoints and a Prometheus text reader.
+//! - [`http`]: a tiny HTTP client for the admin endpoints (metrics are read with
+//!   `convoy_chaos::metrics`).
 //! - [`otlp`]: a real OTLP receiver (`rotel-agent`) that collects the spans nodes export.
 //! - helpers here: [`connect`] (token + `hello`), [`metric`], [`wait_until`], event and sync
 //!   helpers, unique ids.
@@ -93,7 +94,7 @@ pub async fn metric(node: &Node, name: &str) -> f64 {
     let url = format!("{}/metrics", node.admin_url());
     let response = http::get(&url).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status, 200, "GET {url}: {}", response.body);
-    http::sum_metric(&response.body, name).unwrap_or(0.0)
+    convoy_chaos::metrics::sum_metric(&response.body, name).unwrap_or(0.0)
 }
 
 /// Polls `condition` with a short backoff until it holds or `timeout` passes; returns whether it

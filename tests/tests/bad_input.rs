@@ -462,7 +462,8 @@ async fn content_limits_are_enforced() {
     // Every refusal above is counted under the limit that refused it.
     let body = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
     for limit in ["max_text_chars", "max_members_per_group", "max_groups_per_user"] {
-        let hits = http::sum_metric(&body, &format!("convoy_limit_hits_total{{limit=\"{limit}\"}}")).unwrap_or(0.0);
+        let hits = convoy_chaos::metrics::sum_metric(&body, &format!("convoy_limit_hits_total{{limit=\"{limit}\"}}"))
+            .unwrap_or(0.0);
         assert!(hits >= 1.0, "convoy_limit_hits_total{{limit={limit:?}}} = {hits}:\n{body}");
     }
     assert_serves_others(&node).await;

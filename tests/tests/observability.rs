@@ -217,11 +217,18 @@ async fn the_metrics_operators_need_are_exported_documented_and_on_the_dashboard
     // Labels carry what the dashboard groups by.
     let sender_node = &pages[0];
     assert!(sender_node.contains(r#"convoy_requests_total{op="msg.send",code="ok"} 5"#), "{sender_node}");
-    assert_eq!(http::sum_metric(sender_node, "convoy_connections"), Some(2.0));
-    assert_eq!(http::sum_metric(sender_node, "convoy_devices_connected"), Some(1.0), "two connections, one device");
+    assert_eq!(convoy_chaos::metrics::sum_metric(sender_node, "convoy_connections"), Some(2.0));
+    assert_eq!(
+        convoy_chaos::metrics::sum_metric(sender_node, "convoy_devices_connected"),
+        Some(1.0),
+        "two connections, one device"
+    );
     assert!(pages.iter().any(|p| p.contains(r#"convoy_entities_alive{kind="group"} 1"#)), "the group's actor is alive");
     assert!(pages.iter().all(|p| p.contains(r#"convoy_raft_follower_lag_entries{group="shard-"#)), "lag per shard");
-    assert!(http::sum_metric(&pages[2], "convoy_push_seconds_count").unwrap_or(0.0) >= 5.0, "push latency measured");
+    assert!(
+        convoy_chaos::metrics::sum_metric(&pages[2], "convoy_push_seconds_count").unwrap_or(0.0) >= 5.0,
+        "push latency measured"
+    );
 
     // Everything exported is documented; everything the dashboard plots is documented.
     let documented = metric_names(&repo_file("docs/operations.md"));

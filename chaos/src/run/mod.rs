@@ -41,6 +41,10 @@ pub struct RunOptions {
 /// Everything a run produced.
 pub struct Outcome {
     pub verdict: Verdict,
+    /// Snapshots the nodes installed from a leader during the run.
+    pub snapshots_installed: u64,
+    /// The scenario's expectations the run did not meet (see [`scenario::ExpectSpec`]).
+    pub unmet: Vec<String>,
     pub history: PathBuf,
     pub report: PathBuf,
 }
@@ -58,6 +62,8 @@ struct Chaos {
     history: Arc<HistoryWriter>,
     clock: Clock,
     first_group: String,
+    /// Snapshot installs counted so far (each node's counter is read before it goes away).
+    snapshots_installed: u64,
 }
 
 impl Chaos {
@@ -207,8 +213,24 @@ impl Chaos {
         Ok(())
     }
 
+    /// Adds node `i`'s count of installed snapshots. Called once per node process, just
+    /// before it dies (its counters die with it) or at the end of the run.
+    async fn tally_snapshots(&mut self, i: usize) {
+        if !self.cluster.is_running(i) || self.paused.contains(&i) {
+            return;
+        }
+        let url = format!("{}/metrics", self.cluster.nodes[i].admin_url);
+        if let Ok(r) = self.http.get(url).timeout(Duration::from_secs(2)).send().await
+            && let Ok(text) = r.text().await
+        {
+            let n = crate::metrics::sum_metric(&text, "convoy_snapshots_installed_total").unwrap_or(0.0);
+            self.snapshots_installed += n as u64;
+        }
+    }
+
     async fn kill(&mut self, nodes: &[usize]) -> Result<(), Error> {
         for &i in nodes {
+            self.tally_snapshots(i).await;
             self.paused.remove(&i);
             self.cluster.kill9(i).await?;
         }
@@ -231,6 +253,7 @@ impl Chaos {
             }
             Action::Stop => {
                 for &i in &nodes {
+                    self.tally_snapshots(i).await;
                     self.paused.remove(&i);
                     self.cluster.stop(i, Duration::from_secs(30)).await?;
                 }
@@ -278,6 +301,9 @@ impl Chaos {
             Action::PowerLoss => {
                 let all: Vec<usize> = (0..self.cluster.nodes.len()).collect();
                 for &i in &all {
+                    self.tally_snapshots(i).await;
+                }
+                for &i in &all {
                     self.cluster.signal(i, libc::SIGKILL).ok();
                 }
                 self.kill(&all).await?;
@@ -312,6 +338,7 @@ impl Chaos {
         let stopped = faults["storage"]["stopped_groups"].as_array().is_some_and(|g| !g.is_empty());
         if stopped {
             self.phase("heal", format!("restarting {}: groups stopped on a failed write", node.name));
+            self.tally_snapshots(i).await;
             self.cluster.kill9(i).await?;
             self.restart(&[i]).await?;
         }
@@ -440,6 +467,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Erro
         history: history.clone(),
         clock,
         first_group: groups[0][0].group.clone(),
+        snapshots_installed: 0,
     };
 
     // The workload.
@@ -521,6 +549,17 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Erro
         }
     }
     history.finish()?;
+    for i in 0..chaos.cluster.nodes.len() {
+        chaos.tally_snapshots(i).await;
+    }
+    let mut unmet = Vec::new();
+    if chaos.snapshots_installed < scenario.expect.snapshots_installed {
+        unmet.push(format!(
+            "expected at least {} snapshot installs, the nodes counted {}: the faults did not make a replica \
+             fall behind the leaders' logs (lower raft.snapshot_every_entries or keep the node down longer)",
+            scenario.expect.snapshots_installed, chaos.snapshots_installed
+        ));
+    }
 
     let records = crate::check::history::read_history(&history_path)?;
     let verdict = check(&records);
@@ -531,6 +570,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Erro
         "nodes": scenario.cluster.nodes,
         "netns": scenario.cluster.netns,
         "harness_failures": failures,
+        "snapshots_installed": chaos.snapshots_installed,
+        "unmet_expectations": unmet,
         "verdict": verdict,
     });
     std::fs::write(&report, serde_json::to_string_pretty(&doc)?)?;
@@ -540,7 +581,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Erro
     if !failures.is_empty() {
         return Err(format!("the run could not complete: {}", failures.join("; ")).into());
     }
-    Ok(Outcome { verdict, history: history_path, report })
+    Ok(Outcome { verdict, snapshots_installed: chaos.snapshots_installed, unmet, history: history_path, report })
 }
 
 enum Step {

@@ -40,6 +40,17 @@ pub struct Scenario {
     pub workload: WorkloadSpec,
     #[serde(default, rename = "fault")]
     pub faults: Vec<FaultSpec>,
+    #[serde(default)]
+    pub expect: ExpectSpec,
+}
+
+/// What the faults must have made happen for the run to prove what the scenario is about: a
+/// snapshot-install scenario in which no snapshot was installed proves nothing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpectSpec {
+    /// At least this many Raft snapshots installed from a leader, over all nodes and restarts.
+    pub snapshots_installed: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +276,8 @@ mod tests {
             }
         }
         assert!(seen >= 8, "only {seen} scenarios in {}", dir.display());
+        let snapshots = Scenario::load(&dir.join("snapshot-install-kill.toml")).expect("snapshot-install-kill");
+        assert!(snapshots.expect.snapshots_installed >= 1, "the snapshot scenario must prove snapshots were installed");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Flushes buffered spans on the way out.
 #[must_use = "dropping the guard without `shutdown` may lose the last spans"]
@@ -43,9 +43,17 @@ pub fn init(cfg: &TelemetryConfig, node: &str) -> Result<Telemetry, trace::Trace
     }
     // Log lines need a request's trace id, which its first span on each node records; the
     // spans inside it would only cost formatting.
-    let log_filter = env_filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+    // The hint keeps the global maximum level (and with it the `log` crate's) at what the
+    // log filter wants: without it every disabled debug line of every dependency would be
+    // evaluated at run time.
+    let hint = Layer::<Registry>::max_level_hint(&env_filter);
+    let only_carriers = tracing_subscriber::filter::filter_fn(|meta| {
         meta.target() != trace::TARGET || trace::CARRIES_TRACE_ID.contains(&meta.name())
-    }));
+    });
+    let log_filter = env_filter.and(match hint {
+        Some(level) => only_carriers.with_max_level_hint(level),
+        None => only_carriers,
+    });
     let log_layer = match cfg.log_format {
         LogFormat::Json => {
             let format = tracing_subscriber::fmt::format().json().flatten_event(true);
@@ -65,11 +73,14 @@ pub fn init(cfg: &TelemetryConfig, node: &str) -> Result<Telemetry, trace::Trace
             .with_filter(log_filter)
             .boxed(),
     };
-    let trace_layer = tracer.as_ref().map(|provider| {
+    let mut layers = vec![log_layer];
+    if let Some(provider) = &tracer {
         let only_traces = tracing_subscriber::filter::Targets::new().with_target(trace::TARGET, tracing::Level::INFO);
-        trace::layer(provider).with_filter(only_traces)
-    });
-    let _ = tracing_subscriber::registry().with(log_layer).with(trace_layer).try_init();
+        layers.push(trace::layer(provider).with_filter(only_traces).boxed());
+    }
+    // A vector, not an `Option` layer: an absent `Option` layer enables every callsite, so
+    // every disabled span of every dependency would still be created.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
     Ok(Telemetry { tracer })
 }
 
