@@ -228,9 +228,16 @@ impl Chaos {
         }
     }
 
-    async fn kill(&mut self, nodes: &[usize]) -> Result<(), Error> {
+    /// Kills `nodes` after reading their counters.
+    async fn kill_counted(&mut self, nodes: &[usize]) -> Result<(), Error> {
         for &i in nodes {
             self.tally_snapshots(i).await;
+        }
+        self.kill(nodes).await
+    }
+
+    async fn kill(&mut self, nodes: &[usize]) -> Result<(), Error> {
+        for &i in nodes {
             self.paused.remove(&i);
             self.cluster.kill9(i).await?;
         }
@@ -248,7 +255,7 @@ impl Chaos {
         self.phase("fault", format!("{:?} {}", f.action, names.join(",")));
         Ok(match f.action {
             Action::Kill => {
-                self.kill(&nodes).await?;
+                self.kill_counted(&nodes).await?;
                 f.duration.map(|_| Undo::Restart(nodes))
             }
             Action::Stop => {
@@ -277,7 +284,7 @@ impl Chaos {
             Action::Flap => {
                 let (times, every) = (f.times.unwrap_or(1), f.every.unwrap_or(Duration::from_secs(2)));
                 for _ in 0..times {
-                    self.kill(&nodes).await?;
+                    self.kill_counted(&nodes).await?;
                     tokio::time::sleep(every / 2).await;
                     self.restart(&nodes).await?;
                     tokio::time::sleep(every / 2).await;
