@@ -281,7 +281,7 @@ impl Transport {
             }
             Some(delay) => self.call_delayed(node, link.endpoint, bytes, delay, timeout, slot).await?,
         };
-        metrics::histogram!("convoy_peer_call_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("convoy_peer_call_seconds", "kind" => call.kind()).record(started.elapsed().as_secs_f64());
         let reply = match result {
             Some(CallResult::Success(bytes)) => bytes,
             Some(CallResult::Timeout) => return Err(TransportError::Timeout(node, timeout)),
@@ -597,9 +597,13 @@ impl Actor for Endpoint {
                     env.traceparent.as_deref(),
                     || tracing::info_span!(target: trace::TARGET, "serve", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
                 );
+                let kind = env.body.kind();
                 let answer = inbound.call(env.from, env.body).instrument(span);
                 tokio::spawn(async move {
+                    let started = Instant::now();
                     let body = answer.await;
+                    metrics::histogram!("convoy_peer_serve_seconds", "kind" => kind)
+                        .record(started.elapsed().as_secs_f64());
                     drop(slot);
                     let _ = reply.send(codec::encode(&Envelope { from: me, traceparent: None, body }));
                 });

@@ -69,6 +69,23 @@ pub enum Call {
     Presence(PresenceUpdate),
 }
 
+impl Call {
+    /// What kind of request this is, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Call::Hello(_) => "hello",
+            Call::Heartbeat { .. } => "heartbeat",
+            Call::Raft { rpc: RaftRpc::Append(_), .. } => "raft_append",
+            Call::Raft { rpc: RaftRpc::Vote(_) | RaftRpc::PreVote(_), .. } => "raft_vote",
+            Call::Raft { rpc: RaftRpc::TransferLeader(_), .. } => "raft_transfer",
+            Call::Raft { rpc: RaftRpc::SnapshotChunk { .. }, .. } => "raft_snapshot",
+            Call::Route(_) => "route",
+            Call::Control(_) => "control",
+            Call::Presence(_) => "presence",
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Routed {
     Request { key: EntityKey, request: Request },
