@@ -213,7 +213,7 @@ impl EntityHost {
 
     /// Delivers `req` to `key`'s actor and waits for the answer.
     pub async fn request(&self, key: EntityKey, req: Request) -> Result<Reply, Rejection> {
-        let span = tracing::info_span!(target: TRACE, "entity", entity = %key);
+        let span = trace::child(|| tracing::info_span!(target: TRACE, "entity", entity = %key));
         self.request_in_actor(key, req).instrument(span).await
     }
 

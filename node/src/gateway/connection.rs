@@ -241,6 +241,7 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
                             Ok(route) => {
                                 let span = tracing::info_span!(target: TRACE, "request", op = %req.op, user = %principal.user, id = %req.id, trace_id = tracing::field::Empty);
                                 trace::continue_from(&span, req.traceparent.as_deref());
+                                let span = trace::if_sampled(span);
                                 in_flight.insert(req.id.clone());
                                 pending.push(Box::pin(run(gw.clone(), req.id, req.op, route).instrument(span)));
                             }

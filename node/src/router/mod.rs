@@ -20,7 +20,7 @@ use crate::cluster::transport::Transport;
 use crate::cluster::view::ClusterView;
 use crate::cluster::wire::{Call, CallReply, Routed};
 use crate::shard::{Leadership, NodeId, RaftGroupId, ShardHost};
-use crate::telemetry::trace::TARGET as TRACE;
+use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// The shard an entity lives in. Stable across versions and nodes: xxh3 of the kind and
 /// the id, modulo the cluster's fixed shard count.
@@ -177,7 +177,7 @@ impl Router {
     /// Runs `op` on the shard's leader, wherever it is, waiting for one to exist.
     async fn route(&self, op: Op) -> Result<Reply, Rejection> {
         let group = self.shard_of(op.key());
-        let span = tracing::info_span!(target: TRACE, "route", entity = %op.key(), shard = %group);
+        let span = trace::child(|| tracing::info_span!(target: TRACE, "route", entity = %op.key(), shard = %group));
         self.route_to(group, op).instrument(span).await
     }
 
@@ -217,7 +217,7 @@ impl Router {
         let remote = self.inner.remote.get().expect("a remote target implies a transport");
         let call = Call::Route(op.routed());
         metrics::counter!("convoy_router_forwards_total").increment(1);
-        let hop = tracing::info_span!(target: TRACE, "hop", to = %format_args!("{node:x}"));
+        let hop = trace::child(|| tracing::info_span!(target: TRACE, "hop", to = %format_args!("{node:x}")));
         match remote.transport.call(node, &call, self.inner.request_timeout).instrument(hop).await {
             Ok(CallReply::Routed(result)) => Ok(result),
             Ok(CallReply::NotHere { reason, .. }) => Err(unavailable(reason)),

@@ -296,7 +296,9 @@ impl ShardHost {
     /// Appends a command for `key` and waits for it to be applied.
     pub async fn propose(&self, key: EntityKey, cmd: Command) -> Result<Reply, Rejection> {
         self.check_leading()?;
-        let span = tracing::info_span!(target: TRACE, "raft.commit", shard = %self.group, index = tracing::field::Empty, batch_size = tracing::field::Empty);
+        let span = trace::child(
+            || tracing::info_span!(target: TRACE, "raft.commit", shard = %self.group, index = tracing::field::Empty, batch_size = tracing::field::Empty),
+        );
         let req =
             RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: span.in_scope(trace::traceparent) });
         let started = std::time::Instant::now();

@@ -142,12 +142,25 @@ pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
 }
 
 /// The span `make` creates, continuing the trace `traceparent` names; no span at all when
-/// the message is outside any trace (Raft traffic, heartbeats), so none starts a trace.
+/// the message is outside any trace (Raft traffic, heartbeats), so none starts a trace, or
+/// when that trace is not sampled, so none is built only to be dropped.
 pub fn continued(traceparent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
     let Some(parent) = traceparent else { return tracing::Span::none() };
+    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(parent)));
+    if !cx.span().span_context().is_sampled() {
+        return tracing::Span::none();
+    }
     let span = make();
     continue_from(&span, Some(parent));
     span
+}
+
+/// `span` (a request's root, already given its parent) if its trace is exported, else no
+/// span: then nothing the request does builds a span (`child` sees none) or sends a
+/// `traceparent`, so sparse sampling costs little more than none. Logs inside an unsampled
+/// request carry no trace id, as with tracing off.
+pub fn if_sampled(span: tracing::Span) -> tracing::Span {
+    if span.is_disabled() || span.context().span().span_context().is_sampled() { span } else { tracing::Span::none() }
 }
 
 /// The span `make` creates, only inside a traced request: work done for no request (a
