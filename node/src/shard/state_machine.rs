@@ -65,8 +65,7 @@ pub struct ShardStateMachine {
     /// Set when a batch failed to be written: the state machine stops applying.
     broken: Arc<std::sync::atomic::AtomicBool>,
     snapshot_dir: PathBuf,
-    /// The file of the snapshot last built or installed.
-    current: Arc<Mutex<Option<PathBuf>>>,
+    current: Arc<CurrentSnapshot>,
 }
 
 impl ShardStateMachine {
@@ -80,7 +79,7 @@ impl ShardStateMachine {
         let snapshot_dir = snapshot_root.join(group.to_string());
         std::fs::create_dir_all(&snapshot_dir)
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", snapshot_dir.display())))?;
-        let current = latest_snapshot(&snapshot_dir)?;
+        let current = CurrentSnapshot::open(&snapshot_dir)?;
         data.reload_timers()?;
         data.reload_cluster()?;
         Ok(ShardStateMachine {
@@ -92,22 +91,58 @@ impl ShardStateMachine {
             batches: 0,
             broken: Arc::default(),
             snapshot_dir,
-            current: Arc::new(Mutex::new(current)),
+            current: Arc::new(current),
         })
     }
 }
 
-/// Finds the newest snapshot file of a group (names sort by log index).
-fn latest_snapshot(dir: &std::path::Path) -> Result<Option<PathBuf>, StoreError> {
-    let io_err = |e: io::Error| StoreError::Engine(format!("reading {}: {e}", dir.display()));
-    let mut newest: Option<PathBuf> = None;
-    for entry in std::fs::read_dir(dir).map_err(io_err)? {
-        let path = entry.map_err(io_err)?.path();
-        if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| path > *n) {
-            newest = Some(path);
+/// The file of the group's current snapshot (the newest built or installed; names sort by
+/// log index). Making a file current and reading the current one hold the same lock: a
+/// snapshot being sent is never deleted under its reader by a newer one being saved.
+struct CurrentSnapshot(Mutex<Option<PathBuf>>);
+
+impl CurrentSnapshot {
+    /// The newest snapshot in `dir`; anything else there (older snapshots, files half
+    /// written before a crash) is removed.
+    fn open(dir: &std::path::Path) -> Result<CurrentSnapshot, StoreError> {
+        let io_err = |e: io::Error| StoreError::Engine(format!("reading {}: {e}", dir.display()));
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err)? {
+            files.push(entry.map_err(io_err)?.path());
         }
+        let newest = files.iter().filter(|p| p.extension().is_some_and(|e| e == "snap")).max().cloned();
+        for stale in files.iter().filter(|p| Some(*p) != newest.as_ref()) {
+            let _ = std::fs::remove_file(stale);
+        }
+        Ok(CurrentSnapshot(Mutex::new(newest)))
     }
-    Ok(newest)
+
+    /// Writes `file` into `dir` durably and makes it current, unless a newer snapshot became
+    /// current while it was written; removes the one it replaces. The current file's path.
+    fn save(&self, dir: &std::path::Path, file: &SnapshotFile) -> Result<PathBuf, io::Error> {
+        let path = dir.join(snapshot_name(&file.meta));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, codec::encode(file))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        let mut current = self.0.lock();
+        if let Some(newer) = current.as_ref().filter(|c| **c > path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(newer.clone());
+        }
+        std::fs::rename(&tmp, &path)?;
+        if let Some(replaced) = current.replace(path.clone())
+            && replaced != path
+        {
+            let _ = std::fs::remove_file(replaced);
+        }
+        Ok(path)
+    }
+
+    fn read(&self) -> Result<Option<SnapshotFile>, io::Error> {
+        let current = self.0.lock();
+        let Some(path) = current.as_ref() else { return Ok(None) };
+        Ok(Some(codec::decode("snapshot file", &std::fs::read(path)?)?))
+    }
 }
 
 fn snapshot_name(meta: &SnapshotMeta) -> String {
@@ -115,22 +150,6 @@ fn snapshot_name(meta: &SnapshotMeta) -> String {
         Some(l) => format!("{:020}-{}.snap", l.index(), l.committed_leader_id()),
         None => "00000000000000000000-none.snap".to_string(),
     }
-}
-
-/// Writes `file` as the group's current snapshot and removes older ones.
-fn save_snapshot(dir: &std::path::Path, file: &SnapshotFile) -> Result<PathBuf, io::Error> {
-    let path = dir.join(snapshot_name(&file.meta));
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, codec::encode(file))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        if p != path && p.extension().is_some_and(|e| e == "snap" || e == "tmp") {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    Ok(path)
 }
 
 /// What earlier `apply` calls produced that the writer has not applied yet. `apply`
@@ -382,16 +401,13 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
         let file = SnapshotFile { meta: meta.clone(), data: snapshot.into_inner() };
-        let path = save_snapshot(&self.snapshot_dir, &file)?;
-        *self.current.lock() = Some(path);
+        self.current.save(&self.snapshot_dir, &file)?;
         metrics::counter!("convoy_snapshots_installed_total").increment(1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(path) = self.current.lock().clone() else { return Ok(None) };
-        let file: SnapshotFile = codec::decode("snapshot file", &std::fs::read(&path)?)?;
-        Ok(Some(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) }))
+        Ok(self.current.read()?.map(|file| Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) }))
     }
 }
 
@@ -408,8 +424,7 @@ pub struct SnapshotBuilder {
     /// The consistent cut, taken when the builder was created.
     rows: Result<Rows, io::Error>,
     dir: PathBuf,
-    /// The file of the snapshot last built or installed.
-    current: Arc<Mutex<Option<PathBuf>>>,
+    current: Arc<CurrentSnapshot>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -418,12 +433,62 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
         let file = SnapshotFile { meta: self.meta.clone(), data: codec::encode(&rows) };
-        let dir = self.dir.clone();
-        let (file, path) = tokio::task::spawn_blocking(move || save_snapshot(&dir, &file).map(|p| (file, p)))
+        let (dir, current) = (self.dir.clone(), self.current.clone());
+        let file = tokio::task::spawn_blocking(move || current.save(&dir, &file).map(|_| file))
             .await
             .map_err(io::Error::other)??;
-        *self.current.lock() = Some(path);
         metrics::counter!("convoy_snapshots_built_total").increment(1);
         Ok(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::vote::RaftLeaderId;
+
+    use super::*;
+
+    fn snapshot_at(index: u64) -> SnapshotFile {
+        let leader = <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(1, 1).to_committed();
+        let meta = SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), last_membership: Default::default() };
+        // Large enough that reading one takes a while: a reader is still at it when the
+        // next snapshot lands.
+        SnapshotFile { meta, data: vec![index as u8; 2 << 20] }
+    }
+
+    #[test]
+    fn the_current_snapshot_stays_readable_while_newer_ones_replace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = Arc::new(CurrentSnapshot::open(dir.path()).unwrap());
+        current.save(dir.path(), &snapshot_at(1)).unwrap();
+        let writer = std::thread::spawn({
+            let (current, dir) = (current.clone(), dir.path().to_path_buf());
+            move || {
+                for index in 2..100 {
+                    current.save(&dir, &snapshot_at(index)).unwrap();
+                }
+            }
+        });
+        let mut last = 0;
+        while !writer.is_finished() {
+            let file = current.read().expect("reading the current snapshot").expect("there is one");
+            let index = file.meta.last_log_id.unwrap().index();
+            assert!(index >= last, "the current snapshot went back from {last} to {index}");
+            last = index;
+        }
+        writer.join().unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "only the current snapshot is kept: {files:?}");
+    }
+
+    #[test]
+    fn an_older_snapshot_saved_late_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = CurrentSnapshot::open(dir.path()).unwrap();
+        current.save(dir.path(), &snapshot_at(500)).unwrap();
+        current.save(dir.path(), &snapshot_at(300)).unwrap();
+        assert_eq!(current.read().unwrap().unwrap().meta.last_log_id.unwrap().index(), 500);
+        let reopened = CurrentSnapshot::open(dir.path()).unwrap();
+        assert_eq!(reopened.read().unwrap().unwrap().meta.last_log_id.unwrap().index(), 500);
     }
 }
