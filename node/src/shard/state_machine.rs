@@ -64,7 +64,6 @@ pub struct ShardStateMachine {
     batches: u64,
     /// Set when a batch failed to be written: the state machine stops applying.
     broken: Arc<std::sync::atomic::AtomicBool>,
-    snapshot_dir: PathBuf,
     current: Arc<CurrentSnapshot>,
 }
 
@@ -76,10 +75,7 @@ impl ShardStateMachine {
         snapshot_root: PathBuf,
     ) -> Result<Self, StoreError> {
         let meta: AppliedMeta = store.get("applied log id", &keys::applied(group))?.unwrap_or_default();
-        let snapshot_dir = snapshot_root.join(group.to_string());
-        std::fs::create_dir_all(&snapshot_dir)
-            .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", snapshot_dir.display())))?;
-        let current = CurrentSnapshot::open(&snapshot_dir)?;
+        let current = CurrentSnapshot::open(snapshot_root.join(group.to_string()))?;
         data.reload_timers()?;
         data.reload_cluster()?;
         Ok(ShardStateMachine {
@@ -90,7 +86,6 @@ impl ShardStateMachine {
             unwritten: Arc::default(),
             batches: 0,
             broken: Arc::default(),
-            snapshot_dir,
             current: Arc::new(current),
         })
     }
@@ -99,32 +94,36 @@ impl ShardStateMachine {
 /// The file of the group's current snapshot (the newest built or installed; names sort by
 /// log index). Making a file current and reading the current one hold the same lock: a
 /// snapshot being sent is never deleted under its reader by a newer one being saved.
-struct CurrentSnapshot(Mutex<Option<PathBuf>>);
+struct CurrentSnapshot {
+    dir: PathBuf,
+    path: Mutex<Option<PathBuf>>,
+}
 
 impl CurrentSnapshot {
-    /// The newest snapshot in `dir`; anything else there (older snapshots, files half
-    /// written before a crash) is removed.
-    fn open(dir: &std::path::Path) -> Result<CurrentSnapshot, StoreError> {
+    /// The newest snapshot in `dir` (created if missing); anything else there (older
+    /// snapshots, files half written before a crash) is removed.
+    fn open(dir: PathBuf) -> Result<CurrentSnapshot, StoreError> {
         let io_err = |e: io::Error| StoreError::Engine(format!("reading {}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).map_err(io_err)?;
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        for entry in std::fs::read_dir(&dir).map_err(io_err)? {
             files.push(entry.map_err(io_err)?.path());
         }
         let newest = files.iter().filter(|p| p.extension().is_some_and(|e| e == "snap")).max().cloned();
         for stale in files.iter().filter(|p| Some(*p) != newest.as_ref()) {
             let _ = std::fs::remove_file(stale);
         }
-        Ok(CurrentSnapshot(Mutex::new(newest)))
+        Ok(CurrentSnapshot { dir, path: Mutex::new(newest) })
     }
 
-    /// Writes `file` into `dir` durably and makes it current, unless a newer snapshot became
-    /// current while it was written; removes the one it replaces. The current file's path.
-    fn save(&self, dir: &std::path::Path, file: &SnapshotFile) -> Result<PathBuf, io::Error> {
-        let path = dir.join(snapshot_name(&file.meta));
+    /// Writes `file` durably and makes it current, unless a newer snapshot became current
+    /// while it was written; removes the one it replaces. The current file's path.
+    fn save(&self, file: &SnapshotFile) -> Result<PathBuf, io::Error> {
+        let path = self.dir.join(snapshot_name(&file.meta));
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, codec::encode(file))?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        let mut current = self.0.lock();
+        let mut current = self.path.lock();
         if let Some(newer) = current.as_ref().filter(|c| **c > path) {
             let _ = std::fs::remove_file(&tmp);
             return Ok(newer.clone());
@@ -139,7 +138,7 @@ impl CurrentSnapshot {
     }
 
     fn read(&self) -> Result<Option<SnapshotFile>, io::Error> {
-        let current = self.0.lock();
+        let current = self.path.lock();
         let Some(path) = current.as_ref() else { return Ok(None) };
         Ok(Some(codec::decode("snapshot file", &std::fs::read(path)?)?))
     }
@@ -379,7 +378,6 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         SnapshotBuilder {
             meta: SnapshotMeta { last_log_id: self.meta.last_applied, last_membership: self.meta.membership.clone() },
             rows,
-            dir: self.snapshot_dir.clone(),
             current: self.current.clone(),
         }
     }
@@ -401,7 +399,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
         let file = SnapshotFile { meta: meta.clone(), data: snapshot.into_inner() };
-        self.current.save(&self.snapshot_dir, &file)?;
+        self.current.save(&file)?;
         metrics::counter!("convoy_snapshots_installed_total").increment(1);
         Ok(())
     }
@@ -423,7 +421,6 @@ pub struct SnapshotBuilder {
     meta: SnapshotMeta,
     /// The consistent cut, taken when the builder was created.
     rows: Result<Rows, io::Error>,
-    dir: PathBuf,
     current: Arc<CurrentSnapshot>,
 }
 
@@ -433,8 +430,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
         let file = SnapshotFile { meta: self.meta.clone(), data: codec::encode(&rows) };
-        let (dir, current) = (self.dir.clone(), self.current.clone());
-        let file = tokio::task::spawn_blocking(move || current.save(&dir, &file).map(|_| file))
+        let current = self.current.clone();
+        let file = tokio::task::spawn_blocking(move || current.save(&file).map(|_| file))
             .await
             .map_err(io::Error::other)??;
         metrics::counter!("convoy_snapshots_built_total").increment(1);
@@ -459,13 +456,13 @@ mod tests {
     #[test]
     fn the_current_snapshot_stays_readable_while_newer_ones_replace_it() {
         let dir = tempfile::tempdir().unwrap();
-        let current = Arc::new(CurrentSnapshot::open(dir.path()).unwrap());
-        current.save(dir.path(), &snapshot_at(1)).unwrap();
+        let current = Arc::new(CurrentSnapshot::open(dir.path().to_path_buf()).unwrap());
+        current.save(&snapshot_at(1)).unwrap();
         let writer = std::thread::spawn({
-            let (current, dir) = (current.clone(), dir.path().to_path_buf());
+            let current = current.clone();
             move || {
                 for index in 2..100 {
-                    current.save(&dir, &snapshot_at(index)).unwrap();
+                    current.save(&snapshot_at(index)).unwrap();
                 }
             }
         });
@@ -484,11 +481,11 @@ mod tests {
     #[test]
     fn an_older_snapshot_saved_late_does_not_replace_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let current = CurrentSnapshot::open(dir.path()).unwrap();
-        current.save(dir.path(), &snapshot_at(500)).unwrap();
-        current.save(dir.path(), &snapshot_at(300)).unwrap();
+        let current = CurrentSnapshot::open(dir.path().to_path_buf()).unwrap();
+        current.save(&snapshot_at(500)).unwrap();
+        current.save(&snapshot_at(300)).unwrap();
         assert_eq!(current.read().unwrap().unwrap().meta.last_log_id.unwrap().index(), 500);
-        let reopened = CurrentSnapshot::open(dir.path()).unwrap();
+        let reopened = CurrentSnapshot::open(dir.path().to_path_buf()).unwrap();
         assert_eq!(reopened.read().unwrap().unwrap().meta.last_log_id.unwrap().index(), 500);
     }
 }

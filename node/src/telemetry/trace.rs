@@ -127,15 +127,22 @@ pub fn traceparent() -> Option<String> {
 /// Makes `span` a child of the remote span `traceparent` names (if any, and valid), and
 /// records its trace id so logs inside it carry one. Call right after creating the span.
 pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
+    adopt(span, traceparent.map(remote_context));
+}
+
+/// The context a `traceparent` names (invalid if it names none).
+fn remote_context(traceparent: &str) -> Context {
+    TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(traceparent)))
+}
+
+/// `continue_from` with the parent already read.
+fn adopt(span: &tracing::Span, parent: Option<Context>) {
     if span.is_disabled() {
         return;
     }
-    if let Some(parent) = traceparent {
-        let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(parent)));
-        if cx.span().span_context().is_valid() {
-            // Fails only if the span already started; it was just created.
-            let _ = span.set_parent(cx);
-        }
+    if let Some(cx) = parent.filter(|cx| cx.span().span_context().is_valid()) {
+        // Fails only if the span already started; it was just created.
+        let _ = span.set_parent(cx);
     }
     let trace_id = span.context().span().span_context().trace_id();
     span.record("trace_id", tracing::field::display(trace_id));
@@ -146,12 +153,12 @@ pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
 /// when that trace is not sampled, so none is built only to be dropped.
 pub fn continued(traceparent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
     let Some(parent) = traceparent else { return tracing::Span::none() };
-    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(parent)));
+    let cx = remote_context(parent);
     if !cx.span().span_context().is_sampled() {
         return tracing::Span::none();
     }
     let span = make();
-    continue_from(&span, Some(parent));
+    adopt(&span, Some(cx));
     span
 }
 
@@ -171,8 +178,7 @@ pub fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
 
 /// A `traceparent` a client sent: well formed (version 00) or refused.
 pub fn valid_traceparent(text: &str) -> bool {
-    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &One(Some(text)));
-    cx.span().span_context().is_valid()
+    remote_context(text).span().span_context().is_valid()
 }
 
 #[cfg(test)]
