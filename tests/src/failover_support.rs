@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Client, ClientError, ClientOptions, Cluster, Node, NodeOptions, admin_get, seq_of, sync_all, text, token};
+use crate::{
+    Client, ClientError, ClientOptions, Cluster, Node, NodeOptions, admin_get, retry_delay, seq_of, sync_all, text,
+    token, until_available,
+};
 
 /// Only one cluster test of this process runs at a time: three node processes, their elections and
 /// their fsyncs already keep a two-core machine busy, and failover times measured next to another
@@ -226,17 +229,6 @@ pub struct Sender {
     pub prefix: String,
 }
 
-/// Whether a failed send may be retried with the same `client_msg_id`, and after how long.
-fn retry_delay(e: &ClientError) -> Option<Duration> {
-    match e {
-        ClientError::Timeout => Some(Duration::ZERO),
-        ClientError::Server { code, retry_after_ms, .. } if code == "unavailable" || code == "rate_limited" => {
-            Some(Duration::from_millis(retry_after_ms.unwrap_or(100).min(1_000)))
-        }
-        _ => None,
-    }
-}
-
 /// Runs `sender`: one message at a time, each as soon as the previous one is acknowledged, until
 /// `stop` is set or `max` messages were acknowledged. A send that fails with `unavailable`,
 /// `rate_limited` or a timeout is retried with the same `client_msg_id` until it is acknowledged
@@ -380,7 +372,7 @@ pub fn check_log(
 /// The whole log of `group` as `client` reads it with `msg.sync`, checked to reach at least the
 /// `last_seq` that `group.info` reported just before (writes may go on meanwhile).
 pub async fn synced_log(client: &Client, group: &str) -> Vec<Value> {
-    let before = client.group_info(group).await.unwrap_or_else(|e| panic!("group.info {group}: {e}")).last_seq;
+    let before = until_available(&format!("group.info {group}"), || client.group_info(group)).await.last_seq;
     let entries = sync_all(client, group, 0, 500).await;
     let reached = entries.last().map(seq_of).unwrap_or(0);
     assert!(

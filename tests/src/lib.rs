@@ -157,7 +157,7 @@ pub async fn sync_all(client: &Client, group: &str, after: u64, page: u32) -> Ve
     let mut out = Vec::new();
     let mut after = after;
     loop {
-        let p = client.msg_sync(group, after, page).await.unwrap_or_else(|e| panic!("msg.sync {group}: {e}"));
+        let p = until_available(&format!("msg.sync {group}"), || client.msg_sync(group, after, page)).await;
         assert!(p.messages.len() <= page as usize, "msg.sync returned more than limit={page}");
         for m in &p.messages {
             let seq = seq_of(m);
@@ -167,6 +167,37 @@ pub async fn sync_all(client: &Client, group: &str, after: u64, page: u32) -> Ve
         }
         if p.messages.is_empty() || after >= p.last_seq {
             return out;
+        }
+    }
+}
+
+/// Whether a failed request may be sent again (a send with the same `client_msg_id`), and
+/// after how long: what the protocol tells clients to do with `unavailable` and
+/// `rate_limited`, and with a request that timed out.
+pub fn retry_delay(e: &ClientError) -> Option<Duration> {
+    match e {
+        ClientError::Timeout => Some(Duration::ZERO),
+        ClientError::Server { code, retry_after_ms, .. } if code == "unavailable" || code == "rate_limited" => {
+            Some(Duration::from_millis(retry_after_ms.unwrap_or(100).min(1_000)))
+        }
+        _ => None,
+    }
+}
+
+/// The result of `request`, sent again while it fails in a way a client retries (a shard
+/// leader moving, see `retry_delay`), for up to 10 s; any other error panics with `what`.
+pub async fn until_available<T, Fut>(what: &str, mut request: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match request().await {
+            Ok(value) => return value,
+            Err(e) => match retry_delay(&e) {
+                Some(delay) if Instant::now() < deadline => tokio::time::sleep(delay).await,
+                _ => panic!("{what}: {e}"),
+            },
         }
     }
 }
