@@ -345,8 +345,7 @@ impl Chaos {
         let stopped = faults["storage"]["stopped_groups"].as_array().is_some_and(|g| !g.is_empty());
         if stopped {
             self.phase("heal", format!("restarting {}: groups stopped on a failed write", node.name));
-            self.tally_snapshots(i).await;
-            self.cluster.kill9(i).await?;
+            self.kill_counted(&[i]).await?;
             self.restart(&[i]).await?;
         }
         Ok(())
