@@ -336,15 +336,15 @@ impl Chaos {
         })
     }
 
-    /// A Raft group that hit a failed write stays stopped until its node restarts (see
-    /// docs/operations.md, "Fault injection"): restart such a node, as an operator would.
+    /// Shards that hit a failed write start again by themselves, but a node whose metadata
+    /// group did must restart (see docs/operations.md, "Fault injection"): restart such a
+    /// node, as an operator would.
     async fn restart_if_stopped(&mut self, i: usize) -> Result<(), Error> {
         let node = &self.cluster.nodes[i];
         let r = self.http.get(format!("{}/v1/chaos", node.admin_url)).bearer_auth(&self.token).send().await?;
         let faults: serde_json::Value = r.json().await?;
-        let stopped = faults["storage"]["stopped_groups"].as_array().is_some_and(|g| !g.is_empty());
-        if stopped {
-            self.phase("heal", format!("restarting {}: groups stopped on a failed write", node.name));
+        if faults["storage"]["restart_needed"] == true {
+            self.phase("heal", format!("restarting {}: its metadata group stopped on a failed write", node.name));
             self.kill_counted(&[i]).await?;
             self.restart(&[i]).await?;
         }

@@ -57,8 +57,8 @@ fn name_of(s: &AdminState, node: NodeId) -> String {
     s.cluster.state.borrow().name_of(node).map_or_else(|| format!("{node:x}"), str::to_string)
 }
 
-/// Local Raft groups that stopped on an error (a storage write that failed): they stay
-/// stopped until the node restarts.
+/// Local Raft groups that stopped on an error (a storage write that failed): shards start
+/// again by themselves after a back-off; the metadata group needs a restart of the node.
 fn stopped_groups(s: &AdminState) -> Vec<String> {
     let mut stopped: Vec<_> = s
         .router
@@ -82,7 +82,12 @@ fn in_force(s: &AdminState) -> Value {
         "node": name_of(s, s.cluster.transport.me()),
         "active": !peers.is_empty() || failing || stalled,
         "peers": { "dropped": dropped, "delayed_ms": delayed },
-        "storage": { "failing": failing, "stalled": stalled, "stopped_groups": stopped_groups(s) },
+        "storage": {
+            "failing": failing,
+            "stalled": stalled,
+            "stopped_groups": stopped_groups(s),
+            "restart_needed": super::meta_stopped(s).is_some(),
+        },
     })
 }
 
@@ -183,8 +188,8 @@ pub(super) async fn storage_fault(
             storage.fail.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::warn!(
                 fault = "storage_fail",
-                "fault injected: every storage write fails; Raft groups that hit a failed write stop \
-                 until the node restarts"
+                "fault injected: every storage write fails; Raft groups that hit a failed write stop, \
+                 and shards start again by themselves once writes go through"
             );
             injected("storage_fail");
             json!({ "fault": "storage_fail" })
@@ -215,13 +220,8 @@ pub(super) async fn storage_fault(
             ));
         }
     };
-    let stopped = stopped_groups(&s);
-    if !stopped.is_empty() {
-        tracing::warn!(groups = %stopped.join(","), "Raft groups stopped on a failed storage write; restart the node to bring them back");
-        reply["restart_needed"] = json!(format!(
-            "{} stopped on a failed storage write and stay stopped until this node restarts",
-            stopped.join(", ")
-        ));
+    if let Some(why) = super::meta_stopped(&s) {
+        tracing::warn!(error = %why, "the metadata group stopped on a failed storage write; restart the node to bring it back");
     }
     reply["in_force"] = in_force(&s);
     Ok(axum::Json(reply))

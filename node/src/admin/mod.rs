@@ -99,12 +99,27 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    match *s.phase.borrow() {
-        Phase::Ready => (StatusCode::OK, "ready\n"),
-        Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for the cluster and shard leaders\n"),
-        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n"),
+async fn readyz(State(s): State<Arc<AdminState>>) -> (StatusCode, String) {
+    let phase = *s.phase.borrow();
+    match phase {
+        Phase::Ready => match meta_stopped(&s) {
+            None => (StatusCode::OK, "ready\n".into()),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("restart needed: the metadata group stopped on an error ({why}); restart this node\n"),
+            ),
+        },
+        Phase::Starting => {
+            (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for the cluster and shard leaders\n".into())
+        }
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n".into()),
     }
+}
+
+/// Why this node's replica of the metadata group stopped, if it did: unlike a shard, it is
+/// not started again in place (see `cluster::shards`), so the node must restart.
+pub(crate) fn meta_stopped(s: &AdminState) -> Option<String> {
+    s.router.local(crate::shard::RaftGroupId::META).and_then(|meta| meta.stopped())
 }
 
 async fn prometheus(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

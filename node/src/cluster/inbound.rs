@@ -68,6 +68,10 @@ impl NodeInbound {
         let Some(host) = self.shards.host(group) else {
             return CallReply::NotHere { leader: None, reason: format!("{group} is not hosted on this node") };
         };
+        if let Some(why) = host.stopped() {
+            // Answered here: a stopped Raft would log every call it refuses.
+            return CallReply::Failed(format!("{group} stopped on this node until it starts again: {why}"));
+        }
         let raft = host.raft();
         let failed = |e: &dyn std::fmt::Display| CallReply::Failed(format!("{group}: {e}"));
         match rpc {

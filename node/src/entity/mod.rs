@@ -84,6 +84,16 @@ fn unavailable(message: impl Into<String>) -> Rejection {
     Rejection::new(ErrorCode::Unavailable, message)
 }
 
+/// The supervisor holds the host only weakly: without this it would outlive a shard that
+/// stopped (a retired or restarted shard).
+impl Drop for EntityHost {
+    fn drop(&mut self) {
+        if let Some(supervisor) = self.supervisor.get() {
+            supervisor.stop(None);
+        }
+    }
+}
+
 impl EntityHost {
     pub async fn new(
         group: RaftGroupId,

@@ -170,6 +170,11 @@ impl ShardHost {
         self.leadership.clone()
     }
 
+    /// Why the group's Raft stopped (a storage error it cannot go on from), if it did.
+    pub fn stopped(&self) -> Option<String> {
+        self.raft.metrics().borrow_watched().running_state.as_ref().err().map(|fatal| fatal.to_string())
+    }
+
     /// Makes the group a Raft group of `members` if it never was one. Idempotent.
     pub async fn initialize(&self, members: BTreeMap<NodeId, NodeAddr>) -> Result<(), ShardError> {
         if self.raft.is_initialized().await.map_err(|e| ShardError::Raft(e.to_string()))? {
