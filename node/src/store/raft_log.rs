@@ -78,9 +78,24 @@ impl RaftLog {
                 if start < end { tail.entries.range(start..end).map(|(_, e)| e.clone()).collect() } else { Vec::new() },
             )
         };
-        let stored = self.read_stored(start, end)?;
+        // The tail is consecutive entries: what it holds from `start` on needs no engine
+        // read (applying and replicating recent entries reads only memory).
+        let contiguous = match (pending.first(), pending.last()) {
+            (Some(first), Some(last)) => last.index() - first.index() + 1 == pending.len() as u64,
+            _ => false,
+        };
+        let stored_end = match pending.first() {
+            Some(first) if contiguous => first.index(),
+            _ => end,
+        };
+        let stored = self.read_stored(start, stored_end)?;
         if pending.is_empty() {
             return Ok(stored);
+        }
+        if contiguous {
+            let mut out = stored;
+            out.extend(pending);
+            return Ok(out);
         }
         let mut merged: BTreeMap<u64, Entry> = stored.into_iter().map(|e| (e.index(), e)).collect();
         merged.extend(pending.into_iter().map(|e| (e.index(), e)));
