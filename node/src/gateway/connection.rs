@@ -303,8 +303,9 @@ async fn run(gw: Arc<Gateway>, id: String, op: String, route: ops::Route) -> Out
             r.code.as_str()
         }
     };
-    let op_label = if ops::OPS.contains(&op.as_str()) { op } else { "other".to_string() };
-    metrics::counter!("convoy_requests_total", "op" => op_label.clone(), "code" => code).increment(1);
+    // Static labels: nothing allocated per request.
+    let op_label: &'static str = ops::OPS.iter().copied().find(|o| *o == op).unwrap_or("other");
+    metrics::counter!("convoy_requests_total", "op" => op_label, "code" => code).increment(1);
     metrics::histogram!("convoy_request_seconds", "op" => op_label).record(started.elapsed().as_secs_f64());
     (id, result)
 }

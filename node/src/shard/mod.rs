@@ -94,6 +94,8 @@ pub struct ShardHost {
     cut_off_after: Duration,
     tasks: Vec<JoinHandle<()>>,
     reconciling: std::sync::atomic::AtomicBool,
+    /// `convoy_raft_commit_seconds{group}`, registered once (not looked up per command).
+    commit_seconds: metrics::Histogram,
 }
 
 pub fn now() -> Timestamp {
@@ -139,6 +141,7 @@ impl ShardHost {
             cut_off_after: settings.election_max * 2,
             tasks: vec![watcher],
             reconciling: Default::default(),
+            commit_seconds: metrics::histogram!("convoy_raft_commit_seconds", "group" => group.to_string()),
         }))
     }
 
@@ -309,8 +312,7 @@ impl ShardHost {
         let started = std::time::Instant::now();
         let written =
             self.while_leading(async { Ok(self.raft.client_write(req).await) }).instrument(span.clone()).await?;
-        metrics::histogram!("convoy_raft_commit_seconds", "group" => self.group.to_string())
-            .record(started.elapsed().as_secs_f64());
+        self.commit_seconds.record(started.elapsed().as_secs_f64());
         match written {
             Ok(resp) => match resp.response() {
                 ApplyResult::Entity { reply, batch } => {

@@ -65,6 +65,8 @@ pub struct ShardStateMachine {
     /// Set when a batch failed to be written: the state machine stops applying.
     broken: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<CurrentSnapshot>,
+    /// `convoy_apply_batch_entries{group}`, registered once (not looked up per batch).
+    batch_entries: metrics::Histogram,
 }
 
 impl ShardStateMachine {
@@ -87,6 +89,7 @@ impl ShardStateMachine {
             batches: 0,
             broken: Arc::default(),
             current: Arc::new(current),
+            batch_entries: metrics::histogram!("convoy_apply_batch_entries", "group" => group.to_string()),
         })
     }
 }
@@ -290,7 +293,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             batch.put(keys::cluster_state(group), codec::encode(state));
         }
         batch.put(keys::applied(group), codec::encode(&self.meta));
-        metrics::histogram!("convoy_apply_batch_entries", "group" => group.to_string()).record(count as f64);
+        self.batch_entries.record(count as f64);
         let batch_size = u32::try_from(count).unwrap_or(u32::MAX);
         for (_, result) in &mut replies {
             if let ApplyResult::Entity { batch, .. } = result {
