@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use openraft::type_config::async_runtime::WatchReceiver;
 use serde_json::{Value, json};
 
 use super::{AdminState, JsonReply, authorize, entity_key, refuse};
@@ -60,13 +59,8 @@ fn name_of(s: &AdminState, node: NodeId) -> String {
 /// Local Raft groups that stopped on an error (a storage write that failed): shards start
 /// again by themselves after a back-off; the metadata group needs a restart of the node.
 fn stopped_groups(s: &AdminState) -> Vec<String> {
-    let mut stopped: Vec<_> = s
-        .router
-        .local_hosts()
-        .into_iter()
-        .filter(|h| h.raft().metrics().borrow_watched().running_state.is_err())
-        .map(|h| h.group())
-        .collect();
+    let mut stopped: Vec<_> =
+        s.router.local_hosts().into_iter().filter(|h| h.stopped().is_some()).map(|h| h.group()).collect();
     stopped.sort();
     stopped.into_iter().map(|g| g.to_string()).collect()
 }
