@@ -368,16 +368,32 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         // sled has no point-in-time view; this runs in order with `apply`, so the cut taken
         // here is consistent with `meta` once the batches `apply` queued are in the store.
         // Without the barrier the snapshot would claim entries whose effects it lacks.
+        // The copy takes long on a large shard: off the async workers, so only this shard's
+        // applies wait for it, not every task of the node.
+        let started = std::time::Instant::now();
         let rows = match self.store.writer().barrier().await {
             Ok(()) => {
                 let (lo, hi) = keys::state_machine(self.group);
-                self.store
-                    .engine()
-                    .range(std::ops::Bound::Included(&lo), std::ops::Bound::Excluded(&hi), false, usize::MAX)
-                    .map_err(io::Error::from)
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.engine().range(
+                        std::ops::Bound::Included(&lo),
+                        std::ops::Bound::Excluded(&hi),
+                        false,
+                        usize::MAX,
+                    )
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|rows| rows.map_err(io::Error::from))
             }
             Err(e) => Err(io::Error::from(e)),
         };
+        metrics::histogram!("convoy_snapshot_cut_seconds").record(started.elapsed().as_secs_f64());
+        if let Ok(rows) = &rows {
+            tracing::info!(group = %self.group, rows = rows.len(), ms = started.elapsed().as_millis() as u64,
+                "took the snapshot's cut; applies waited for it");
+        }
         SnapshotBuilder {
             meta: SnapshotMeta { last_log_id: self.meta.last_applied, last_membership: self.meta.membership.clone() },
             rows,
@@ -432,11 +448,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
-        let file = SnapshotFile { meta: self.meta.clone(), data: codec::encode(&rows) };
+        let meta = self.meta.clone();
         let current = self.current.clone();
-        let file = tokio::task::spawn_blocking(move || current.save(&file).map(|_| file))
-            .await
-            .map_err(io::Error::other)??;
+        let file = tokio::task::spawn_blocking(move || {
+            let file = SnapshotFile { meta, data: codec::encode(&rows) };
+            current.save(&file).map(|_| file)
+        })
+        .await
+        .map_err(io::Error::other)??;
         metrics::counter!("convoy_snapshots_built_total").increment(1);
         Ok(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) })
     }

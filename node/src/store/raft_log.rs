@@ -311,25 +311,48 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
             let kept = tail.entries.split_off(&(index + 1));
             tail.entries = kept;
         }
+        // Record the purge point first: entries at or below it are never read again, so the
+        // segments that hold only such entries go afterwards, in the background, a few per
+        // storage cycle. One that a crash leaves behind is found by the next purge.
         let mut batch = WriteBatch::new();
-        // Record the purge point first: entries at or below it are never read again.
         batch.put(keys::purged(self.group), codec::encode(&log_id));
-        let starts = self.segment_starts_through(index.saturating_add(1))?;
-        for pair in starts.windows(2) {
-            // A segment is wholly purged when the next one starts at or before index + 1.
-            if pair[1] <= index + 1 {
-                batch.delete(keys::segment(self.group, pair[0]));
+        self.store.writer().write(batch, Durability::Visible).await?;
+        metrics::counter!("convoy_raft_log_purges_total").increment(1);
+        let log = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = log.delete_purged_segments(index).await {
+                tracing::warn!(group = %log.group, error = %e, "deleting purged log segments failed; the next purge retries");
             }
-        }
+        });
+        Ok(())
+    }
+}
+
+/// Segments deleted per storage job after a purge. A purge after a snapshot can free tens
+/// of thousands of segments: one job deleting them all held every write of the node for
+/// 90 to 140 ms.
+const PURGE_DELETES_PER_JOB: usize = 256;
+
+impl RaftLog {
+    /// Deletes the segments whose entries are all at or below `index`, the purge point.
+    async fn delete_purged_segments(&self, index: u64) -> Result<(), StoreError> {
+        let starts = self.segment_starts_through(index.saturating_add(1))?;
+        // A segment is wholly purged when the next one starts at or before index + 1.
+        let mut purged: Vec<u64> = starts.windows(2).filter(|pair| pair[1] <= index + 1).map(|pair| pair[0]).collect();
         // The last segment has no successor to tell: look at its last entry.
         if let Some(&last) = starts.last()
             && let Some(e) = self.last_entry()?
             && e.index() <= index
         {
-            batch.delete(keys::segment(self.group, last));
+            purged.push(last);
         }
-        self.store.writer().write(batch, Durability::Visible).await?;
-        metrics::counter!("convoy_raft_log_purges_total").increment(1);
+        for starts in purged.chunks(PURGE_DELETES_PER_JOB) {
+            let mut batch = WriteBatch::new();
+            for &start in starts {
+                batch.delete(keys::segment(self.group, start));
+            }
+            self.store.writer().write(batch, Durability::Visible).await?;
+        }
         Ok(())
     }
 }

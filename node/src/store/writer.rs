@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::StoreError;
 use super::engine::{KvEngine, WriteBatch};
 
+/// A cycle (apply plus flush) this long is logged: every write of the node waited for it.
+const SLOW_CYCLE: Duration = Duration::from_millis(50);
+
 /// When a job's completion is signalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -266,6 +269,7 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
             ops += more.len();
             applied = apply(&*engine, &faults, &more);
         }
+        let applied_in = cycle.elapsed();
         metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
         metrics::histogram!("convoy_storage_batch_jobs").record(jobs.len() as f64);
         let mut waiting_for_flush = Vec::new();
@@ -291,7 +295,16 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
                 done(flushed.clone());
             }
         }
-        metrics::histogram!("convoy_storage_cycle_seconds").record(cycle.elapsed().as_secs_f64());
+        let took = cycle.elapsed();
+        metrics::histogram!("convoy_storage_cycle_seconds").record(took.as_secs_f64());
+        if took >= SLOW_CYCLE {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                apply_ms = applied_in.as_millis() as u64,
+                ops,
+                "a storage cycle took long: every write of the node waited for it"
+            );
+        }
     }
 }
 
