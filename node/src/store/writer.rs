@@ -17,6 +17,8 @@ use super::engine::{KvEngine, WriteBatch};
 
 /// A cycle (apply plus flush) this long is logged: every write of the node waited for it.
 const SLOW_CYCLE: Duration = Duration::from_millis(50);
+/// At most one such line per this long (a failing disk makes every cycle slow).
+const SLOW_CYCLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// When a job's completion is signalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +195,7 @@ fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: &WriteBatch) -> Re
 fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: WriterLimits, faults: Arc<WriterFaults>) {
     let mut pending: Option<Job> = None;
     let mut stop: Option<oneshot::Sender<()>> = None;
+    let mut slow = SlowCycles::default();
     loop {
         if pending.is_none()
             && let Some(done) = stop.take()
@@ -298,13 +301,33 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
         let took = cycle.elapsed();
         metrics::histogram!("convoy_storage_cycle_seconds").record(took.as_secs_f64());
         if took >= SLOW_CYCLE {
-            tracing::warn!(
-                took_ms = took.as_millis() as u64,
-                apply_ms = applied_in.as_millis() as u64,
-                ops,
-                "a storage cycle took long: every write of the node waited for it"
-            );
+            slow.seen(took, applied_in, ops);
         }
+    }
+}
+
+/// Slow cycles since the last line about them.
+#[derive(Default)]
+struct SlowCycles {
+    unreported: u64,
+    logged_at: Option<Instant>,
+}
+
+impl SlowCycles {
+    fn seen(&mut self, took: Duration, applying: Duration, ops: usize) {
+        self.unreported += 1;
+        if self.logged_at.is_some_and(|t| t.elapsed() < SLOW_CYCLE_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            apply_ms = applying.as_millis() as u64,
+            ops,
+            slow_cycles = self.unreported,
+            "a storage cycle took long: every write of the node waited for it"
+        );
+        self.unreported = 0;
+        self.logged_at = Some(Instant::now());
     }
 }
 
