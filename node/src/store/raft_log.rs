@@ -25,6 +25,10 @@ const SEGMENT_ENTRIES: usize = 256;
 const SEGMENT_BYTES: usize = 1 << 20;
 /// Segments fetched from the engine per step while reading.
 const READ_STEP: usize = 8;
+/// Segments deleted per storage job after a purge. A purge after a snapshot can free tens
+/// of thousands of segments: one job deleting them all held every write of the node for
+/// 90 to 140 ms.
+const PURGE_DELETES_PER_JOB: usize = 256;
 
 /// The newest entries, in memory. `append` returns as soon as its entries are here
 /// (openraft requires them readable on return, not durable), so the Raft core never waits
@@ -84,10 +88,7 @@ impl RaftLog {
             (Some(first), Some(last)) => last.index() - first.index() + 1 == pending.len() as u64,
             _ => false,
         };
-        let stored_end = match pending.first() {
-            Some(first) if contiguous => first.index(),
-            _ => end,
-        };
+        let stored_end = if contiguous { pending[0].index() } else { end };
         let stored = self.read_stored(start, stored_end)?;
         if pending.is_empty() {
             return Ok(stored);
@@ -150,6 +151,28 @@ impl RaftLog {
             None => Ok(None),
             Some((_, v)) => Ok(Self::decode_segment(&v)?.pop()),
         }
+    }
+
+    /// Deletes the segments whose entries are all at or below `index`, the purge point.
+    async fn delete_purged_segments(&self, index: u64) -> Result<(), StoreError> {
+        let starts = self.segment_starts_through(index.saturating_add(1))?;
+        // A segment is wholly purged when the next one starts at or before index + 1.
+        let mut purged: Vec<u64> = starts.windows(2).filter(|pair| pair[1] <= index + 1).map(|pair| pair[0]).collect();
+        // The last segment has no successor to tell: look at its last entry.
+        if let Some(&last) = starts.last()
+            && let Some(e) = self.last_entry()?
+            && e.index() <= index
+        {
+            purged.push(last);
+        }
+        for starts in purged.chunks(PURGE_DELETES_PER_JOB) {
+            let mut batch = WriteBatch::new();
+            for &start in starts {
+                batch.delete(keys::segment(self.group, start));
+            }
+            self.store.writer().write(batch, Durability::Visible).await?;
+        }
+        Ok(())
     }
 
     /// First indexes of the segments starting at or before `index`.
@@ -324,35 +347,6 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
                 tracing::warn!(group = %log.group, error = %e, "deleting purged log segments failed; the next purge retries");
             }
         });
-        Ok(())
-    }
-}
-
-/// Segments deleted per storage job after a purge. A purge after a snapshot can free tens
-/// of thousands of segments: one job deleting them all held every write of the node for
-/// 90 to 140 ms.
-const PURGE_DELETES_PER_JOB: usize = 256;
-
-impl RaftLog {
-    /// Deletes the segments whose entries are all at or below `index`, the purge point.
-    async fn delete_purged_segments(&self, index: u64) -> Result<(), StoreError> {
-        let starts = self.segment_starts_through(index.saturating_add(1))?;
-        // A segment is wholly purged when the next one starts at or before index + 1.
-        let mut purged: Vec<u64> = starts.windows(2).filter(|pair| pair[1] <= index + 1).map(|pair| pair[0]).collect();
-        // The last segment has no successor to tell: look at its last entry.
-        if let Some(&last) = starts.last()
-            && let Some(e) = self.last_entry()?
-            && e.index() <= index
-        {
-            purged.push(last);
-        }
-        for starts in purged.chunks(PURGE_DELETES_PER_JOB) {
-            let mut batch = WriteBatch::new();
-            for &start in starts {
-                batch.delete(keys::segment(self.group, start));
-            }
-            self.store.writer().write(batch, Durability::Visible).await?;
-        }
         Ok(())
     }
 }
