@@ -11,7 +11,7 @@ use crate::error::{ErrorCode, Rejection};
 use crate::event::Event;
 use crate::group::{self, Entry, GroupCommand, GroupState, GroupTimer};
 use crate::ids::{GroupId, SkillGroup, TicketId, UserId};
-use crate::outbox::{Delivery, DeliveryResult, Outbox, Webhook};
+use crate::outbox::{Delivery, DeliveryResult, Lane, Outbox, Pending, Webhook};
 use crate::principal::{Principal, Role};
 use crate::queue::{QueueCommand, QueueTimer, SkillQueueState, sort_summaries};
 use crate::ticket::{OpenTicket, TicketCommand, TicketState, TicketStatus, TicketSummary, TicketTimer};
@@ -123,9 +123,9 @@ pub fn handle<R: Runtime>(key: &EntityKey, state: Option<&EntityState>, req: Req
                 Some(EntityState::Ticket(t)) => Some(t),
                 _ => None,
             };
-            if cmd == TicketCommand::Fire(TicketTimer::Outbox) {
+            if let TicketCommand::Fire(TicketTimer::Outbox(lane)) = cmd {
                 let outbox = ticket.map(|t| &t.outbox);
-                return deliver_outbox(key, outbox, rt, |results, max_attempts| {
+                return deliver_outbox(key, outbox, lane, rt, |results, max_attempts| {
                     Command::Ticket(TicketCommand::Settle { results, max_attempts })
                 });
             }
@@ -150,8 +150,8 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
         return Handling::Done(Err(r));
     }
     let key = EntityKey::Group(id.clone());
-    if cmd == GroupCommand::Fire(GroupTimer::Outbox) {
-        return deliver_outbox(&key, state.map(|g| &g.outbox), rt, |results, max_attempts| {
+    if let GroupCommand::Fire(GroupTimer::Outbox(lane)) = cmd {
+        return deliver_outbox(&key, state.map(|g| &g.outbox), lane, rt, |results, max_attempts| {
             Command::Group(GroupCommand::Settle { results, max_attempts })
         });
     }
@@ -200,8 +200,8 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
 
 fn handle_queue<R: Runtime>(key: &EntityKey, queue: Option<&SkillQueueState>, cmd: QueueCommand, rt: &R) -> Handling {
     match &cmd {
-        QueueCommand::Fire(QueueTimer::Outbox) => {
-            return deliver_outbox(key, queue.map(|q| &q.outbox), rt, |results, max_attempts| {
+        QueueCommand::Fire(QueueTimer::Outbox(lane)) => {
+            return deliver_outbox(key, queue.map(|q| &q.outbox), *lane, rt, |results, max_attempts| {
                 Command::Queue(QueueCommand::Settle { results, max_attempts })
             });
         }
@@ -224,34 +224,57 @@ fn handle_queue<R: Runtime>(key: &EntityKey, queue: Option<&SkillQueueState>, cm
     }
 }
 
-/// Delivers what the entity's outbox has due, then records how it went. Receivers are
-/// idempotent, so a delivery repeated after a leader change does no harm.
+/// Delivers what the entity's outbox has due in `lane`, then records how it went. Receivers
+/// are idempotent, so a delivery repeated after a leader change does no harm. Requests to
+/// one entity go one after another, and stop at the first that does not get through (it is
+/// retried first); different receivers are served at once.
 fn deliver_outbox<R: Runtime>(
     key: &EntityKey,
     outbox: Option<&Outbox>,
+    lane: Lane,
     rt: &R,
     settle: fn(Vec<(u64, DeliveryResult)>, u32) -> Command,
 ) -> Handling {
-    let due = outbox.map(|o| o.due(rt.now())).unwrap_or_default();
+    let due = outbox.map(|o| o.due(rt.now(), lane)).unwrap_or_default();
+    let (key, rt) = (key.clone(), rt.clone());
+    // In due order; a webhook is a sequence of its own.
+    let mut sequences: Vec<Vec<Pending>> = Vec::new();
+    for p in due {
+        let same = p.delivery.in_order_with().and_then(|to| {
+            sequences.iter_mut().find(|s| s.first().and_then(|f| f.delivery.in_order_with()) == Some(to))
+        });
+        match same {
+            Some(sequence) => sequence.push(p),
+            None => sequences.push(vec![p]),
+        }
+    }
     let (key, rt) = (key.clone(), rt.clone());
     Handling::Task(Box::pin(async move {
-        let deliveries = due.into_iter().map(|p| {
+        let deliveries = sequences.into_iter().map(|sequence| {
             let rt = rt.clone();
             async move {
-                let result = match &p.delivery {
-                    Delivery::Webhook(hook) => match rt.webhook(hook).await {
-                        Ok(_) => DeliveryResult::Delivered,
-                        Err(_) => DeliveryResult::Failed,
-                    },
-                    Delivery::Request { key, request } => match rt.request(key.clone(), request.clone()).await {
-                        Ok(_) => DeliveryResult::Delivered,
-                        Err(r) => DeliveryResult::of_rejection(r.code),
-                    },
-                };
-                (p.id, result)
+                let mut results = Vec::with_capacity(sequence.len());
+                for p in sequence {
+                    let result = match &p.delivery {
+                        Delivery::Webhook(hook) => match rt.webhook(hook).await {
+                            Ok(_) => DeliveryResult::Delivered,
+                            Err(_) => DeliveryResult::Failed,
+                        },
+                        Delivery::Request { key, request } => match rt.request(key.clone(), request.clone()).await {
+                            Ok(_) => DeliveryResult::Delivered,
+                            Err(r) => DeliveryResult::of_rejection(r.code),
+                        },
+                    };
+                    results.push((p.id, result));
+                    if result == DeliveryResult::Failed {
+                        break;
+                    }
+                }
+                results
             }
         });
-        let results = futures::future::join_all(deliveries).await;
+        let results: Vec<(u64, DeliveryResult)> =
+            futures::future::join_all(deliveries).await.into_iter().flatten().collect();
         // Settling with no results still re-arms the timer from the state.
         rt.propose(key, settle(results, rt.config().webhook_max_attempts)).await?;
         Ok(Reply::Fired)
@@ -361,7 +384,7 @@ pub fn presence(who: &Principal, cfg: &DomainConfig) -> Vec<(EntityKey, Request)
         .map(|skill| {
             let present = QueueCommand::AgentPresent {
                 agent: who.user.clone(),
-                capacity: t.agent_capacity,
+                capacity: who.capacity.unwrap_or(t.agent_capacity),
                 lease_ms: t.presence_refresh_ms.saturating_mul(3),
                 grace_ms: t.agent_grace_ms,
             };

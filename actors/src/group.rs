@@ -13,7 +13,7 @@ use crate::body::{MemberSpec, MessageBody, SystemEvent};
 use crate::entity::{Applied, Caller, StorageFault, Timestamp};
 use crate::error::{Limit, Rejection};
 use crate::ids::{ClientMsgId, GroupId, UserId, system_user};
-use crate::outbox::{Delivery, DeliveryResult, Outbox, Webhook};
+use crate::outbox::{Delivery, DeliveryResult, Lane, Outbox, Webhook};
 
 /// Position in a group's log. The first entry is 1; 0 means "nothing yet".
 pub type Seq = u64;
@@ -104,8 +104,8 @@ pub enum GroupTimer {
     ReceiptOverdue {
         seq: Seq,
     },
-    /// The group's outbox has deliveries due.
-    Outbox,
+    /// The group's outbox has deliveries due in this lane.
+    Outbox(Lane),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -415,10 +415,12 @@ impl GroupState {
     }
 
     fn arm_outbox(&self, out: &mut Vec<GroupEffect>) {
-        out.push(match self.outbox.next_due() {
-            Some(due) => GroupEffect::TimerSet { timer: GroupTimer::Outbox, due },
-            None => GroupEffect::TimerCleared { timer: GroupTimer::Outbox },
-        });
+        for lane in Lane::ALL {
+            out.push(match self.outbox.next_due(lane) {
+                Some(due) => GroupEffect::TimerSet { timer: GroupTimer::Outbox(lane), due },
+                None => GroupEffect::TimerCleared { timer: GroupTimer::Outbox(lane) },
+            });
+        }
     }
 
     /// Drops receipt watches every other member has now read, and says so.
@@ -666,7 +668,7 @@ impl GroupState {
                 }
                 GroupReply::Fired
             }
-            GroupCommand::Fire(GroupTimer::Outbox) => return Ok(Applied::unchanged(GroupReply::Fired)),
+            GroupCommand::Fire(GroupTimer::Outbox(_)) => return Ok(Applied::unchanged(GroupReply::Fired)),
             GroupCommand::Settle { results, max_attempts } => {
                 if !s.outbox.settle(&results, at, max_attempts) {
                     return Ok(Applied::unchanged(GroupReply::Updated { changed: false }));

@@ -8,6 +8,10 @@
 //! leader that dies midway leaves the items in the state, so the next leader delivers
 //! them: delivery is at least once, and every receiver is idempotent (entity commands by
 //! revision or state, webhooks by their idempotency key).
+//!
+//! Requests and webhooks go in separate [`Lane`]s, each with its own timer: a firing waits
+//! for every delivery it started, so a webhook receiver that hangs until the timeout must
+//! not hold up the entity's requests to other entities (assignments, group notes).
 
 use std::collections::VecDeque;
 
@@ -39,6 +43,35 @@ pub struct Webhook {
 pub enum Delivery {
     Webhook(Webhook),
     Request { key: EntityKey, request: Request },
+}
+
+/// Which of an entity's two outbox timers delivers an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Lane {
+    Requests,
+    Webhooks,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Requests, Lane::Webhooks];
+}
+
+impl Delivery {
+    pub fn lane(&self) -> Lane {
+        match self {
+            Delivery::Webhook(_) => Lane::Webhooks,
+            Delivery::Request { .. } => Lane::Requests,
+        }
+    }
+
+    /// Requests to one entity are delivered in the order they were pushed (a ticket's notes
+    /// in its group follow its changes); each webhook stands alone.
+    pub fn in_order_with(&self) -> Option<&EntityKey> {
+        match self {
+            Delivery::Webhook(_) => None,
+            Delivery::Request { key, .. } => Some(key),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,13 +131,48 @@ impl Outbox {
         self.items.len()
     }
 
-    pub fn next_due(&self) -> Option<Timestamp> {
-        self.items.iter().map(|p| p.due).min()
+    /// The items of `lane` that may go next: each webhook, and the first item for each
+    /// entity (what follows it waits for it).
+    fn heads(&self, lane: Lane) -> impl Iterator<Item = &Pending> {
+        let mut seen: Vec<&EntityKey> = Vec::new();
+        self.items.iter().filter(move |p| {
+            if p.delivery.lane() != lane {
+                return false;
+            }
+            match p.delivery.in_order_with() {
+                Some(key) if seen.contains(&key) => false,
+                Some(key) => {
+                    seen.push(key);
+                    true
+                }
+                None => true,
+            }
+        })
     }
 
-    /// What is due at `now`, oldest first, at most [`DELIVER_BATCH`].
-    pub fn due(&self, now: Timestamp) -> Vec<Pending> {
-        self.items.iter().filter(|p| p.due <= now).take(DELIVER_BATCH).cloned().collect()
+    /// When `lane`'s timer must fire next, if it has anything to deliver.
+    pub fn next_due(&self, lane: Lane) -> Option<Timestamp> {
+        self.heads(lane).map(|p| p.due).min()
+    }
+
+    /// What `lane` has due at `now`, oldest first, at most [`DELIVER_BATCH`]: every due
+    /// webhook, and for each entity the items due before the first one that is not (an
+    /// item retried later holds back those pushed after it).
+    pub fn due(&self, now: Timestamp, lane: Lane) -> Vec<Pending> {
+        let mut held: Vec<&EntityKey> = Vec::new();
+        let mut due = Vec::new();
+        for p in self.items.iter().filter(|p| p.delivery.lane() == lane) {
+            match p.delivery.in_order_with() {
+                Some(key) if held.contains(&key) => continue,
+                Some(key) if p.due > now => held.push(key),
+                _ if p.due > now => {}
+                _ => due.push(p.clone()),
+            }
+            if due.len() == DELIVER_BATCH {
+                break;
+            }
+        }
+        due
     }
 
     pub fn get(&self, id: u64) -> Option<&Pending> {
@@ -153,21 +221,45 @@ mod tests {
         let mut o = Outbox::default();
         o.push(hook(1), Timestamp(10));
         o.push(hook(2), Timestamp(10));
-        let due = o.due(Timestamp(10));
+        let due = o.due(Timestamp(10), Lane::Webhooks);
         assert_eq!(due.len(), 2);
+        assert!(o.due(Timestamp(10), Lane::Requests).is_empty());
         assert!(o.settle(
             &[(due[0].id, DeliveryResult::Delivered), (due[1].id, DeliveryResult::Failed)],
             Timestamp(20),
             2
         ));
         assert_eq!(o.len(), 1);
-        assert_eq!(o.next_due(), Some(Timestamp(20 + 1000)));
-        assert!(o.due(Timestamp(500)).is_empty());
+        assert_eq!(o.next_due(Lane::Webhooks), Some(Timestamp(20 + 1000)));
+        assert_eq!(o.next_due(Lane::Requests), None);
+        assert!(o.due(Timestamp(500), Lane::Webhooks).is_empty());
         // Settling an id twice, or one that left, changes nothing.
         assert!(!o.settle(&[(due[0].id, DeliveryResult::Delivered)], Timestamp(30), 2));
         assert!(o.settle(&[(due[1].id, DeliveryResult::Failed)], Timestamp(2000), 2));
         assert!(o.is_empty());
         assert_eq!(o.dropped, 1);
+    }
+
+    #[test]
+    fn requests_to_one_entity_go_in_order_and_a_retried_one_holds_back_the_rest() {
+        let to = |user: &str| EntityKey::User(crate::ids::UserId::parse(user).unwrap());
+        let req = |user: &str| Delivery::Request {
+            key: to(user),
+            request: Request::Inbox {
+                caller: crate::Caller { user: crate::ids::UserId::parse(user).unwrap(), admin: false },
+            },
+        };
+        let mut o = Outbox::default();
+        for (user, at) in [("a", 1), ("a", 1), ("b", 1), ("a", 1)] {
+            o.push(req(user), Timestamp(at));
+        }
+        let ids = |due: Vec<Pending>| due.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(ids(o.due(Timestamp(1), Lane::Requests)), [1, 2, 3, 4]);
+        // The first for "a" fails and is retried at 1001: the later ones for "a" wait for it.
+        assert!(o.settle(&[(1, DeliveryResult::Failed), (3, DeliveryResult::Delivered)], Timestamp(1), 5));
+        assert_eq!(ids(o.due(Timestamp(2), Lane::Requests)), Vec::<u64>::new());
+        assert_eq!(o.next_due(Lane::Requests), Some(Timestamp(1001)));
+        assert_eq!(ids(o.due(Timestamp(1001), Lane::Requests)), [1, 2, 4]);
     }
 
     #[test]
@@ -185,6 +277,8 @@ mod tests {
         }
         assert_eq!(o.len(), MAX_ITEMS);
         assert_eq!(o.dropped, 1);
-        assert_eq!(o.due(Timestamp(1))[0].delivery, req);
+        assert_eq!(o.due(Timestamp(1), Lane::Requests), [o.get(1).unwrap().clone()]);
+        assert_eq!(o.get(1).unwrap().delivery, req);
+        assert_eq!(o.next_due(Lane::Webhooks), Some(Timestamp(1)));
     }
 }

@@ -46,10 +46,15 @@ pub struct Principal {
     pub roles: Vec<Role>,
     pub skills: Vec<SkillGroup>,
     pub tier: Tier,
+    /// Tickets this agent works at once, when the token sets it (`tickets.agent_capacity`
+    /// otherwise): agents differ, and their identity provider knows by how much.
+    pub capacity: Option<u32>,
 }
 
 pub const MAX_ROLES: usize = 6;
 pub const MAX_SKILLS: usize = 32;
+/// The largest per-agent capacity a token may claim.
+pub const MAX_AGENT_CAPACITY: u32 = 100;
 
 impl Principal {
     /// Validates token claims (already signature-checked by the gateway).
@@ -85,7 +90,18 @@ impl Principal {
             Some("vip") => Tier::Vip,
             Some(other) => return Err(unauthorized(format!("token tier {other:?} is neither vip nor standard"))),
         };
-        Ok(Principal { user, roles: parsed, skills, tier })
+        Ok(Principal { user, roles: parsed, skills, tier, capacity: None })
+    }
+
+    /// Adds the token's `capacity` claim (1..=[`MAX_AGENT_CAPACITY`]).
+    pub fn with_capacity(self, capacity: Option<u32>) -> Result<Principal, Rejection> {
+        match capacity {
+            Some(c) if !(1..=MAX_AGENT_CAPACITY).contains(&c) => Err(Rejection::new(
+                crate::ErrorCode::Unauthorized,
+                format!("token capacity {c} is outside 1..{MAX_AGENT_CAPACITY}"),
+            )),
+            capacity => Ok(Principal { capacity, ..self }),
+        }
     }
 
     pub fn has(&self, role: Role) -> bool {
@@ -110,6 +126,10 @@ mod tests {
         let p = Principal::from_claims("a-5", &strings(&["agent", "admin"]), &strings(&["fee"]), Some("vip")).unwrap();
         assert!(p.has(Role::Agent) && p.caller().admin);
         assert_eq!(p.tier, Tier::Vip);
+        assert_eq!(p.clone().with_capacity(Some(3)).unwrap().capacity, Some(3));
+        for bad in [0, MAX_AGENT_CAPACITY + 1] {
+            assert_eq!(p.clone().with_capacity(Some(bad)).unwrap_err().code, crate::ErrorCode::Unauthorized);
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::behavior::Request;
 use crate::entity::{EntityKey, Timestamp};
 use crate::error::Rejection;
 use crate::ids::{SkillGroup, TicketId, UserId};
-use crate::outbox::{Delivery, DeliveryResult, Outbox};
+use crate::outbox::{Delivery, DeliveryResult, Lane, Outbox};
 use crate::ticket::{TicketCommand, TicketStatus, TicketSummary};
 
 /// Tickets one queue tracks at most; beyond it new tickets are refused (they can still be claimed).
@@ -85,7 +85,9 @@ fn median(samples: &VecDeque<u64>) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SkillQueueState {
     pub tickets: BTreeMap<TicketId, QueuedTicket>,
-    pub recently_closed: VecDeque<TicketSummary>,
+    /// Closed tickets, kept (with their revision) for `ticket.list` and for a rating that
+    /// comes after the close.
+    pub recently_closed: VecDeque<QueuedTicket>,
     pub agents: BTreeMap<UserId, Agent>,
     pub stats: DeskStats,
     pub outbox: Outbox,
@@ -97,7 +99,7 @@ pub struct SkillQueueState {
 pub enum QueueTimer {
     /// The earliest end of an agent's grace period.
     Grace,
-    Outbox,
+    Outbox(Lane),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,7 +240,7 @@ impl SkillQueueState {
 
     /// Every ticket this queue lists: open ones, then recently closed ones.
     pub fn summaries(&self) -> impl Iterator<Item = &TicketSummary> {
-        self.tickets.values().map(|t| &t.summary).chain(self.recently_closed.iter())
+        self.tickets.values().chain(self.recently_closed.iter()).map(|t| &t.summary)
     }
 
     fn grace_due(&self) -> Option<Timestamp> {
@@ -331,7 +333,7 @@ impl SkillQueueState {
                 timers.push((QueueTimer::Grace, s.grace_due()));
                 !gone.is_empty()
             }
-            QueueCommand::Fire(QueueTimer::Outbox) => false,
+            QueueCommand::Fire(QueueTimer::Outbox(_)) => false,
             QueueCommand::Settle { results, max_attempts } => {
                 // A refused offer frees the ticket for the next plan.
                 for (id, result) in &results {
@@ -351,13 +353,17 @@ impl SkillQueueState {
                 s.outbox.settle(&results, at, max_attempts)
             }
         };
-        timers.push((QueueTimer::Outbox, s.outbox.next_due()));
+        timers.extend(Lane::ALL.map(|lane| (QueueTimer::Outbox(lane), s.outbox.next_due(lane))));
         QueueApplied { reply: Ok(QueueReply::Updated { changed }), state_changed: changed, timers }
     }
 
     fn update(&mut self, rev: u64, summary: TicketSummary, at: Timestamp) -> bool {
-        let old = self.tickets.get(&summary.ticket);
-        if old.is_some_and(|o| o.rev >= rev) || self.recently_closed.iter().any(|c| c.ticket == summary.ticket) {
+        let closed = self.recently_closed.iter().position(|c| c.summary.ticket == summary.ticket);
+        let old = match closed {
+            Some(i) => self.recently_closed.get(i),
+            None => self.tickets.get(&summary.ticket),
+        };
+        if old.is_some_and(|o| o.rev >= rev) {
             return false;
         }
         let before = old.map(|o| o.summary.clone());
@@ -378,12 +384,15 @@ impl SkillQueueState {
             st.csat_count += 1;
         }
         st.breaches += u64::from(summary.breaches.saturating_sub(before.as_ref().map_or(0, |b| b.breaches)));
-        if summary.state == TicketStatus::Closed {
+        if let Some(i) = closed {
+            // Closed already: only a rating changes a closed ticket, and it is counted above.
+            self.recently_closed[i] = QueuedTicket { rev, summary, offered_to: None };
+        } else if summary.state == TicketStatus::Closed {
             self.tickets.remove(&summary.ticket);
             if self.recently_closed.len() == RECENTLY_CLOSED {
                 self.recently_closed.pop_front();
             }
-            self.recently_closed.push_back(summary);
+            self.recently_closed.push_back(QueuedTicket { rev, summary, offered_to: None });
         } else {
             // An assignee the queue has not heard from (gone already, or not yet reported)
             // starts a grace period now: a report ends it, silence returns the ticket.

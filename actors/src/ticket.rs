@@ -18,7 +18,7 @@ use crate::entity::Timestamp;
 use crate::error::Rejection;
 use crate::group::{Entry, GroupCommand, Seq};
 use crate::ids::{ClientMsgId, GroupId, SkillGroup, TicketId, UserId, system_user};
-use crate::outbox::{Delivery, DeliveryResult, Outbox, Webhook};
+use crate::outbox::{Delivery, DeliveryResult, Lane, Outbox, Webhook};
 use crate::principal::{Principal, Role, Tier};
 use crate::queue::QueueCommand;
 
@@ -217,7 +217,7 @@ pub struct TicketSummary {
 pub enum TicketTimer {
     FirstResponse,
     Resolution,
-    Outbox,
+    Outbox(Lane),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,7 +521,10 @@ impl TicketState {
                 if !matches!(s.status, TicketStatus::Resolved | TicketStatus::Closed) {
                     Err(in_state(s, "rate"))
                 } else if s.rating.is_some() {
-                    Err(Rejection::conflict("the ticket is rated already"))
+                    Err(Rejection::conflict(format!(
+                        "cannot rate: the ticket is {} and rated already",
+                        s.status.as_str()
+                    )))
                 } else {
                     Ok(())
                 }
@@ -801,7 +804,7 @@ impl Change<'_> {
         let (due, name) = match timer {
             TicketTimer::FirstResponse => (&mut self.s.first_response_due, "first_response"),
             TicketTimer::Resolution => (&mut self.s.resolution_due, "resolution"),
-            TicketTimer::Outbox => return false,
+            TicketTimer::Outbox(_) => return false,
         };
         match *due {
             Some(d) if d <= self.at => *due = None,
@@ -836,13 +839,21 @@ impl Change<'_> {
 
     /// A system entry in the linked group; idempotent by a note id derived from the change.
     fn note_group(&mut self, group: GroupId, event: &SystemEvent, what: &str) {
-        let note_id = ClientMsgId::parse(&format!("tk.{}.{what}.{}", self.s.rev, self.id)).ok();
-        let request = Request::Group(GroupCommand::Note { body: MessageBody::system(event), note_id });
+        let rev = self.s.rev;
+        // A long ticket id does not fit beside the rest: a stable hash of it stands in.
+        let note_id = ClientMsgId::parse(&format!("tk.{rev}.{what}.{}", self.id))
+            .or_else(|_| {
+                let hash = xxhash_rust::xxh3::xxh3_64(self.id.as_str().as_bytes());
+                ClientMsgId::parse(&format!("tk.{rev}.{what}.h{hash:016x}"))
+            })
+            .expect("a note id of at most 64 characters is valid");
+        let request = Request::Group(GroupCommand::Note { body: MessageBody::system(event), note_id: Some(note_id) });
         self.s.outbox.push(Delivery::Request { key: crate::EntityKey::Group(group), request }, self.at);
     }
 
     fn arm_outbox(&mut self) {
-        self.out.timers.push((TicketTimer::Outbox, self.s.outbox.next_due()));
+        let outbox = &self.s.outbox;
+        self.out.timers.extend(Lane::ALL.map(|lane| (TicketTimer::Outbox(lane), outbox.next_due(lane))));
     }
 
     fn finish(mut self, before: TicketSummary) {

@@ -21,6 +21,9 @@ pub struct Claims {
     /// `vip` or `standard`; omitted means `standard`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// Tickets an agent works at once (1..100); omitted means the node's `tickets.agent_capacity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
 }
@@ -37,6 +40,7 @@ impl Claims {
             roles: roles.into_iter().map(Into::into).collect(),
             skills: Vec::new(),
             tier: None,
+            capacity: None,
             exp: unix_now_secs().saturating_add(ttl.as_secs().max(1)),
         }
     }

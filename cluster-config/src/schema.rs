@@ -400,7 +400,8 @@ impl Default for SlaConfig {
 }
 
 /// `[[tickets.categories]]`: a classification rule. A ticket's subject and description
-/// match it when they contain any keyword (case-insensitive substring).
+/// match it when they contain any keyword, ignoring case: keywords in Latin letters match
+/// whole words only (`late` is not found in "latest"), Chinese ones anywhere.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CategoryConfig {
@@ -430,7 +431,7 @@ pub struct TicketsConfig {
     pub max_tickets_per_user: u32,
     /// History entries (replies and changes) one ticket keeps; replies beyond it are refused.
     pub max_history: u32,
-    /// Words that raise a ticket's priority one step (case-insensitive substrings).
+    /// Words that raise a ticket's priority one step (matched like category keywords).
     pub urgency_words: Vec<String>,
     pub sla: SlaConfig,
     /// Matched in order; text that matches several opens one ticket per category.
@@ -457,30 +458,66 @@ impl Default for TicketsConfig {
             presence_refresh: Duration::from_secs(5),
             max_tickets_per_user: 1000,
             max_history: 500,
-            urgency_words: ["紧急", "加急", "急", "马上", "立刻", "尽快", "urgent", "asap", "immediately", "emergency"]
-                .iter()
-                .map(|w| w.to_string())
-                .collect(),
+            urgency_words: [
+                "紧急",
+                "加急",
+                "急件",
+                "着急",
+                "马上",
+                "立刻",
+                "尽快",
+                "urgent",
+                "asap",
+                "immediately",
+                "emergency",
+            ]
+            .iter()
+            .map(|w| w.to_string())
+            .collect(),
             sla: SlaConfig::default(),
             categories: vec![
                 category(
                     "delivery_delay",
                     "delivery",
                     High,
-                    &["延误", "迟到", "未按约定时间", "超时未到", "还没到", "没送到", "delay", "late", "not arrived"],
+                    &[
+                        "延误",
+                        "迟到",
+                        "未按约定时间",
+                        "超时未到",
+                        "还没到",
+                        "没送到",
+                        "delay",
+                        "delayed",
+                        "delays",
+                        "late",
+                        "not arrived",
+                        "hasn't arrived",
+                    ],
                 ),
                 category(
                     "damaged_goods",
                     "damage",
                     High,
-                    &["破损", "损坏", "摔坏", "压坏", "damaged", "broken", "crushed"],
+                    &["破损", "损坏", "摔坏", "压坏", "damaged", "damage", "broken", "crushed"],
                 ),
                 category("lost_goods", "damage", Urgent, &["丢失", "丢件", "找不到货", "少件", "lost", "missing"]),
                 category(
                     "fee_dispute",
                     "fee",
                     Normal,
-                    &["运费", "超时费", "多收费", "乱收费", "收费", "overcharge", "fee", "charged twice"],
+                    &[
+                        "运费",
+                        "超时费",
+                        "多收费",
+                        "乱收费",
+                        "收费",
+                        "overcharge",
+                        "overcharged",
+                        "fee",
+                        "fees",
+                        "charged twice",
+                    ],
                 ),
                 category(
                     "address_change",
@@ -492,7 +529,7 @@ impl Default for TicketsConfig {
                     "service_attitude",
                     "quality",
                     Normal,
-                    &["态度", "恶劣", "骂人", "不耐烦", "rude", "attitude", "impolite"],
+                    &["态度", "骂人", "不耐烦", "服务差", "rude", "attitude", "impolite"],
                 ),
                 category("refund", "fee", Normal, &["退款", "退钱", "退费", "refund", "money back"]),
                 category(
@@ -505,7 +542,7 @@ impl Default for TicketsConfig {
                     "receipt_proof",
                     "delivery",
                     Low,
-                    &["回单", "拍照", "签收照片", "签收证明", "proof of delivery", "receipt photo", "pod"],
+                    &["回单", "签收单", "签收照片", "签收证明", "proof of delivery", "receipt photo", "pod"],
                 ),
             ],
             fallback: category("other", "general", Normal, &[]),

@@ -6,7 +6,7 @@ use clap::Parser;
 use convoy_config::Config;
 use convoy_node::admin::ClusterStatus;
 use convoy_node::cli::{AdminArgs, Cli, ClusterCommand, Command, TokenArgs};
-use convoy_node::gateway::auth::TokenKeys;
+use convoy_node::gateway::auth::{Holder, TokenKeys};
 use convoy_node::node::{self, SecretPolicy};
 
 #[global_allocator]
@@ -35,7 +35,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let telemetry = convoy_node::telemetry::init(&cfg.telemetry, &cfg.node.id)?;
             let secret = node::client_secret(&cfg, SecretPolicy::GenerateInDataDir)?;
             let keys = TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl);
-            let token = keys.mint("demo", &["dispatcher".into()], &[], None, Duration::from_secs(24 * 3600));
+            let token = keys.mint(
+                &Holder { sub: "demo", roles: &["dispatcher".into()], ..Holder::default() },
+                Duration::from_secs(24 * 3600),
+            );
             println!("convoy dev: data in {}", cfg.node.data_dir.display());
             println!("  clients: ws://{}/v1/ws", cfg.client.listen);
             println!("  admin:   http://{} (/healthz /readyz /metrics)", cfg.admin.listen);
@@ -94,7 +97,10 @@ async fn admin_call(args: &AdminArgs, method: reqwest::Method, path: &str) -> an
         Some(t) => t.clone(),
         None => {
             let (keys, _) = secret_keys(args.config.as_deref(), &args.data_dir)?;
-            keys.mint("convoy-cli", &["admin".into()], &[], None, Duration::from_secs(60))
+            keys.mint(
+                &Holder { sub: "convoy-cli", roles: &["admin".into()], ..Holder::default() },
+                Duration::from_secs(60),
+            )
         }
     };
     let url = format!("{}{path}", args.admin.trim_end_matches('/'));
@@ -192,7 +198,14 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
             humantime::format_duration(cfg.auth.max_token_ttl)
         );
     }
-    let token = keys.mint(&args.user, &args.roles, &args.skills, args.tier.as_deref(), args.ttl);
+    let holder = Holder {
+        sub: &args.user,
+        roles: &args.roles,
+        skills: &args.skills,
+        tier: args.tier.as_deref(),
+        capacity: args.capacity,
+    };
+    let token = keys.mint(&holder, args.ttl);
     keys.verify(&token).map_err(|r| anyhow::anyhow!("{}", r.message))?;
     println!("{token}");
     Ok(())

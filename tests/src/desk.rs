@@ -19,16 +19,50 @@ pub async fn connect_as(node: &Node, user: &str, roles: &[&str], skills: &[&str]
     let mut claims = Claims::new(user, roles.iter().copied(), TOKEN_TTL);
     claims.skills = skills.iter().map(|s| s.to_string()).collect();
     claims.tier = tier.map(str::to_string);
+    connect_with(node, &claims).await
+}
+
+/// Connects with a token carrying exactly `claims`.
+pub async fn connect_with(node: &Node, claims: &Claims) -> Client {
     let client = Client::connect(node.client_url(), ClientOptions::default()).await.expect("connect");
     client
-        .hello(&mint(node.secret().as_bytes(), &claims), "test")
+        .hello(&mint(node.secret().as_bytes(), claims), "test")
         .await
-        .unwrap_or_else(|e| panic!("hello {user}: {e}"));
+        .unwrap_or_else(|e| panic!("hello {}: {e}", claims.sub));
     client
 }
 
 pub async fn agent(node: &Node, user: &str, skills: &[&str]) -> Client {
     connect_as(node, user, &["agent"], skills, None).await
+}
+
+/// An agent whose token claims how many tickets they work at once.
+pub async fn agent_with_capacity(node: &Node, user: &str, skills: &[&str], capacity: u32) -> Client {
+    let mut claims = Claims::new(user, ["agent"], TOKEN_TTL).with_skills(skills.iter().copied());
+    claims.capacity = Some(capacity);
+    connect_with(node, &claims).await
+}
+
+/// `/v1/desk`'s figures for one skill group.
+pub async fn desk(node: &Node, skill_group: &str) -> Value {
+    let desk = crate::admin_get(node, "/v1/desk").await.unwrap_or_else(|e| panic!("/v1/desk: {e}"));
+    let groups = desk["skill_groups"].as_array().unwrap_or_else(|| panic!("/v1/desk: {desk}"));
+    groups
+        .iter()
+        .find(|g| g["skill_group"] == skill_group)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {skill_group} in {desk}"))
+}
+
+/// The sample of gauge `name` labelled with `skill_group` (and `state`, when given) on `/metrics`.
+pub async fn desk_gauge(node: &Node, name: &str, skill_group: &str, state: Option<&str>) -> Option<f64> {
+    let body = crate::http::get(&format!("{}/metrics", node.admin_url())).await.expect("GET /metrics").body;
+    let group = format!("skill_group=\"{skill_group}\"");
+    let state = state.map(|s| format!("state=\"{s}\""));
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&group))
+        .find(|l| state.as_ref().is_none_or(|s| l.contains(s.as_str())))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A ticket op; panics on an error reply.
@@ -80,6 +114,18 @@ pub struct WebhookReceiver {
     pub url: String,
     pub hooks: Arc<Mutex<Vec<Hook>>>,
     pub status: Arc<std::sync::atomic::AtomicU16>,
+    /// While set, requests get no answer: the receiver holds each until the sender gives up.
+    pub hang: Arc<std::sync::atomic::AtomicBool>,
+    /// Every request, answered or not, with when it came and when it ended.
+    pub attempts: Arc<Mutex<Vec<Attempt>>>,
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub idempotency_key: String,
+    pub arrived: std::time::Instant,
+    pub ended: std::time::Instant,
 }
 
 impl WebhookReceiver {
@@ -88,22 +134,37 @@ impl WebhookReceiver {
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let hooks: Arc<Mutex<Vec<Hook>>> = Arc::default();
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
-        let (h, st) = (hooks.clone(), status.clone());
+        let hang: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+        let (h, st, hg, at) = (hooks.clone(), status.clone(), hang.clone(), attempts.clone());
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let (h, st) = (h.clone(), st.clone());
+                let (h, st, hg, at) = (h.clone(), st.clone(), hg.clone(), at.clone());
                 tokio::spawn(async move {
                     let Some(hook) = read_request(&mut sock).await else { return };
+                    let arrived = std::time::Instant::now();
+                    let idempotency_key = hook.idempotency_key.clone();
+                    if hg.load(std::sync::atomic::Ordering::SeqCst) {
+                        // Until the sender closes the connection (its timeout), or a minute.
+                        let mut rest = [0u8; 1024];
+                        let closed = async { while matches!(sock.read(&mut rest).await, Ok(n) if n > 0) {} };
+                        let _ = tokio::time::timeout(Duration::from_secs(60), closed).await;
+                        let ended = std::time::Instant::now();
+                        at.lock().await.push(Attempt { idempotency_key, arrived, ended });
+                        return;
+                    }
                     let code = st.load(std::sync::atomic::Ordering::SeqCst);
                     if code == 200 {
                         h.lock().await.push(hook);
                     }
                     let reply = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                     let _ = sock.write_all(reply.as_bytes()).await;
+                    let ended = std::time::Instant::now();
+                    at.lock().await.push(Attempt { idempotency_key, arrived, ended });
                 });
             }
         });
-        WebhookReceiver { url, hooks, status }
+        WebhookReceiver { url, hooks, status, hang, attempts }
     }
 
     pub async fn received(&self) -> Vec<Hook> {

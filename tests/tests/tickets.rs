@@ -49,6 +49,7 @@ async fn the_default_rules_classify_every_category_in_chinese_and_english() {
         ("快递丢失了", false, &[("lost_goods", "damage", "urgent")]),
         ("one item is missing from my order", false, &[("lost_goods", "damage", "urgent")]),
         ("运费多收费了", false, &[("fee_dispute", "fee", "normal")]),
+        ("多收费", false, &[("fee_dispute", "fee", "normal")]),
         ("为什么有超时费", false, &[("fee_dispute", "fee", "normal")]),
         ("I was overcharged", false, &[("fee_dispute", "fee", "normal")]),
         ("我要改地址", false, &[("address_change", "delivery", "normal")]),
@@ -63,6 +64,11 @@ async fn the_default_rules_classify_every_category_in_chinese_and_english() {
         ("need the receipt photo", false, &[("receipt_proof", "delivery", "low")]),
         ("你好", false, &[("other", "general", "normal")]),
         ("hello there", false, &[("other", "general", "normal")]),
+        ("my order was delayed", false, &[("delivery_delay", "delivery", "high")]),
+        // Latin keywords match whole words; a photo of damage is not a receipt photo.
+        ("I'd like to give feedback on the latest app", false, &[("other", "general", "normal")]),
+        ("外包装破损，已拍照", false, &[("damaged_goods", "damage", "high")]),
+        ("天气恶劣，路上注意安全", false, &[("other", "general", "normal")]),
         // The protocol's example: two categories, two tickets.
         (
             "司机未按约定时间到达且态度恶劣",
@@ -86,20 +92,41 @@ async fn the_default_rules_classify_every_category_in_chinese_and_english() {
             assert!(t["due_at"].as_u64().is_some(), "{subject}: no due_at in {t}");
         }
     }
+    // The description is classified too.
+    let opened =
+        call(&standard, "ticket.open", json!({ "subject": "工单", "description": "the box is crushed" })).await;
+    assert_eq!(categories(&opened), [("damaged_goods".into(), "damage".into(), "high".into())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_case_from_open_through_rejection_and_escalation_to_a_review_ticket() {
     let node = Node::start(NodeOptions::new());
+    whole_case([&node, &node, &node]).await;
+}
+
+/// The same case with the customer, the two agents and the quality agent on different nodes
+/// of a three-node cluster: the ticket, the skill queues and the linked group live wherever
+/// their shards are led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_case_runs_the_same_across_three_nodes() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(3, NodeOptions::new());
+    whole_case([cluster.node(0), cluster.node(1), cluster.node(2)]).await;
+}
+
+/// Customer and dispatcher on `nodes[0]`, the first fee agent on `nodes[1]`, the second and
+/// the quality agent on `nodes[2]`.
+async fn whole_case(nodes: [&Node; 3]) {
+    let [n0, n1, n2] = nodes;
     let (cust, a1, a2, q1, disp) = (unique("c"), unique("a1"), unique("a2"), unique("q1"), unique("d"));
-    let customer = connect_as(&node, &cust, &["customer"], &[], None).await;
+    let customer = connect_as(n0, &cust, &["customer"], &[], None).await;
     let mut customer_events = customer.events().unwrap();
-    let dispatcher = connect(&node, &disp, &["dispatcher"]).await;
+    let dispatcher = connect(n0, &disp, &["dispatcher"]).await;
     let group = unique("exc");
     open_group(&dispatcher, &group, vec![Member::new(&cust, "customer")]).await;
 
     // Only a1 is connected when the ticket opens: it is assigned to a1.
-    let first = agent(&node, &a1, &["fee"]).await;
+    let first = agent(n1, &a1, &["fee"]).await;
     let mut first_events = first.events().unwrap();
     let id = unique("t");
     let opened = call(&customer, "ticket.open", json!({ "ticket": id, "subject": "运费多收费", "group": group })).await;
@@ -119,7 +146,7 @@ async fn a_whole_case_from_open_through_rejection_and_escalation_to_a_review_tic
     // a1 replies and proposes; the customer rejects: escalated, priority up, unassigned.
     call(&first, "ticket.reply", json!({ "ticket": id, "text": "checking the invoice" })).await;
     call(&first, "ticket.propose", json!({ "ticket": id, "solution": "refund 5 yuan" })).await;
-    let second = agent(&node, &a2, &["fee"]).await;
+    let second = agent(n2, &a2, &["fee"]).await;
     let mut second_events = second.events().unwrap();
     let rejected = call(&customer, "ticket.confirm", json!({ "ticket": id, "accepted": false })).await;
     assert_eq!(rejected["state"], "escalated");
@@ -161,7 +188,7 @@ async fn a_whole_case_from_open_through_rejection_and_escalation_to_a_review_tic
     );
 
     // The review ticket appears for the quality team.
-    let quality = agent(&node, &q1, &["quality"]).await;
+    let quality = agent(n2, &q1, &["quality"]).await;
     let found = wait_until(Duration::from_secs(10), || async {
         let list = call(&quality, "ticket.list", json!({})).await;
         list["tickets"].as_array().unwrap().iter().any(|t| t["ticket"] == review.as_str())
@@ -192,12 +219,22 @@ async fn a_whole_case_from_open_through_rejection_and_escalation_to_a_review_tic
         ]
     );
 
-    // The service desk figures count it.
-    let desk = admin_get(&node, "/v1/desk").await.unwrap();
-    let fee = desk["skill_groups"].as_array().unwrap().iter().find(|g| g["skill_group"] == "fee").unwrap().clone();
-    assert!(fee["csat_count"].as_u64().unwrap() >= 1, "{fee}");
-    assert!(fee["resolution_median_ms"].as_u64().is_some(), "{fee}");
-    assert!(metric(&node, "convoy_desk_tickets_opened_total").await >= 1.0);
+    // The service desk figures count it, on any node: the fee queue learns of the rating
+    // and the close a moment after the ticket.
+    let counted = wait_until(Duration::from_secs(10), || async { desk(n1, "fee").await["csat_count"] == 1 }).await;
+    let fee = desk(n1, "fee").await;
+    assert!(counted, "{fee}");
+    assert_eq!((fee["csat_average"].as_f64(), fee["resolved_total"].as_u64()), (Some(1.0), Some(1)), "{fee}");
+    assert!(fee["first_response_median_ms"].as_u64().is_some() && fee["resolution_median_ms"].as_u64().is_some());
+    assert_eq!(fee["by_state"]["escalated"], 0, "{fee}");
+    // Each queue's figures are on the /metrics of the node that leads it.
+    let mut distinct = nodes.to_vec();
+    distinct.dedup_by_key(|n| n.admin_url().to_string());
+    let mut opened = 0.0;
+    for node in distinct {
+        opened += metric(node, "convoy_desk_tickets_opened_total").await;
+    }
+    assert!(opened >= 2.0, "the fee ticket and its review: {opened}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,4 +465,255 @@ async fn sla_and_receipt_timers_fire_once_across_a_leader_kill() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(breaches(&customer, &id).await, 1);
     assert_eq!(overdue_entries(&dispatcher, &group).await, 1);
+}
+
+/// The ids of the tickets `client` is told were assigned to `agent`, in the order told.
+async fn assigned_to(events: &mut tokio::sync::mpsc::Receiver<Value>, agent: &str, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let Some(e) = next_event(events, Duration::from_secs(10), |e| {
+            e["ev"] == "ticket" && e["state"] == "assigned" && e["assignee"] == agent
+        })
+        .await
+        else {
+            break;
+        };
+        got.push(e["ticket"].as_str().unwrap().to_string());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_assigns_by_priority_then_age_within_each_agents_capacity_to_the_least_loaded() {
+    let node = Node::start(NodeOptions::new());
+    let (cust, other) = (unique("c"), unique("c2"));
+    let customer = connect_as(&node, &cust, &["customer"], &[], None).await;
+    // Four delivery tickets wait before any delivery agent is connected, oldest first.
+    let mut ids = std::collections::BTreeMap::new();
+    for (name, subject, priority) in [
+        ("low", "回单", "low"),
+        ("normal", "改地址", "normal"),
+        ("high1", "包裹延误", "high"),
+        ("high2", "司机没来", "high"),
+    ] {
+        let id = unique(name);
+        let opened = call(&customer, "ticket.open", json!({ "ticket": id, "subject": subject })).await;
+        assert_eq!(opened["tickets"][0]["priority"], priority, "{opened}");
+        ids.insert(name, id);
+    }
+    // The queue learns of each ticket a moment after it opens.
+    assert!(wait_until(Duration::from_secs(10), || async { desk(&node, "delivery").await["waiting"] == 4 }).await);
+    assert_eq!(desk(&node, "delivery").await["by_state"]["queued"], 4);
+    assert_eq!(desk_gauge(&node, "convoy_desk_queue_length", "delivery", None).await, Some(4.0));
+    assert_eq!(desk_gauge(&node, "convoy_desk_tickets", "delivery", Some("queued")).await, Some(4.0));
+
+    // An agent with room for one gets the most urgent, oldest ticket and nothing more.
+    let (d1, d2, d3, d4) = (unique("d1"), unique("d2"), unique("d3"), unique("d4"));
+    let first = agent_with_capacity(&node, &d1, &["delivery"], 1).await;
+    let mut first_events = first.events().unwrap();
+    assert_eq!(assigned_to(&mut first_events, &d1, 1).await, [ids["high1"].as_str()]);
+    // One with room for two gets the next two in order; the low one keeps waiting.
+    let second = agent_with_capacity(&node, &d2, &["delivery"], 2).await;
+    let mut second_events = second.events().unwrap();
+    assert_eq!(assigned_to(&mut second_events, &d2, 2).await, [ids["high2"].as_str(), ids["normal"].as_str()]);
+    assert_eq!(ticket(&customer, &ids["low"]).await["state"], "queued");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { desk(&node, "delivery").await["waiting"] == 1 }).await,
+        "{}",
+        desk(&node, "delivery").await
+    );
+    assert!(desk(&node, "delivery").await["oldest_waiting_ms"].as_u64().unwrap() > 0);
+    // Claiming is not bound by capacity: the full agent takes the low one.
+    let claimed = call(&first, "ticket.claim", json!({ "ticket": ids["low"] })).await;
+    assert_eq!((claimed["state"].as_str(), claimed["changed"].as_bool()), (Some("assigned"), Some(true)));
+    let t = ticket(&customer, &ids["low"]).await;
+    assert_eq!(t["assignee"], d1.as_str());
+    assert_eq!(actions(&customer, &ids["low"]).await, ["opened", "assigned"]);
+
+    // With two agents that have room, the one holding fewer tickets gets the next.
+    let third = agent(&node, &d3, &["delivery"]).await;
+    let mut third_events = third.events().unwrap();
+    let next = unique("high3");
+    call(&customer, "ticket.open", json!({ "ticket": next, "subject": "延误" })).await;
+    assert_eq!(assigned_to(&mut third_events, &d3, 1).await, [next.as_str()]);
+    let fourth = agent(&node, &d4, &["delivery"]).await;
+    let mut fourth_events = fourth.events().unwrap();
+    let last = unique("high4");
+    call(&customer, "ticket.open", json!({ "ticket": last, "subject": "延误" })).await;
+    assert_eq!(assigned_to(&mut fourth_events, &d4, 1).await, [last.as_str()], "d3 holds one, d4 none");
+
+    // Lists: the customer sees their six, another customer none, an admin every group's.
+    let someone = connect_as(&node, &other, &["customer"], &[], None).await;
+    let theirs = call(&someone, "ticket.open", json!({ "subject": "运费" })).await["tickets"][0]["ticket"].clone();
+    let mine = call(&customer, "ticket.list", json!({})).await;
+    let mine: Vec<&str> = mine["tickets"].as_array().unwrap().iter().map(|t| t["ticket"].as_str().unwrap()).collect();
+    assert_eq!(mine.len(), 6, "{mine:?}");
+    assert!(!mine.contains(&theirs.as_str().unwrap()));
+    let admin = connect_as(&node, &unique("adm"), &["admin"], &[], None).await;
+    let everything = wait_until(Duration::from_secs(10), || async {
+        let all = call(&admin, "ticket.list", json!({})).await;
+        let all: Vec<Value> = all["tickets"].as_array().unwrap().iter().map(|t| t["ticket"].clone()).collect();
+        all.len() == 7 && all.contains(&theirs)
+    })
+    .await;
+    assert!(everything, "{}", call(&admin, "ticket.list", json!({})).await);
+    let waiting_fee = call(&admin, "ticket.list", json!({ "skill_group": "fee", "state": "queued" })).await;
+    assert_eq!(waiting_fee["tickets"].as_array().unwrap().len(), 1, "{waiting_fee}");
+    // The desk counts what happened.
+    let figures = desk(&node, "delivery").await;
+    assert_eq!(
+        (figures["by_state"]["assigned"].as_u64(), figures["waiting"].as_u64(), figures["agents_connected"].as_u64()),
+        (Some(6), Some(0), Some(4)),
+        "{figures}"
+    );
+    assert_eq!(desk_gauge(&node, "convoy_desk_agents_connected", "delivery", None).await, Some(4.0));
+    assert_eq!(desk_gauge(&node, "convoy_desk_tickets", "delivery", Some("assigned")).await, Some(6.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_escalates_a_ticket_to_another_agent_and_a_rating_after_the_close_counts() {
+    let node = Node::start(NodeOptions::new());
+    let (cust, a1, a2) = (unique("c"), unique("a1"), unique("a2"));
+    let customer = connect_as(&node, &cust, &["customer"], &[], None).await;
+    let mut customer_events = customer.events().unwrap();
+    let first = agent(&node, &a1, &["fee"]).await;
+    let mut first_events = first.events().unwrap();
+    let id = unique("t");
+    call(&customer, "ticket.open", json!({ "ticket": id, "subject": "运费" })).await;
+    assert_eq!(assigned_to(&mut first_events, &a1, 1).await, [id.as_str()]);
+    call(&first, "ticket.reply", json!({ "ticket": id, "text": "looking into it" })).await;
+    // Escalating needs a reason, and only staff of the group may do it.
+    assert_eq!(
+        server_code(first.request("ticket.escalate", json!({ "ticket": id })).await, "no reason"),
+        "bad_request"
+    );
+    assert_eq!(
+        server_code(customer.request("ticket.escalate", json!({ "ticket": id, "reason": "x" })).await, "customer"),
+        "forbidden"
+    );
+    let second = agent(&node, &a2, &["fee"]).await;
+    let mut second_events = second.events().unwrap();
+    let escalated = call(&first, "ticket.escalate", json!({ "ticket": id, "reason": "needs a supervisor" })).await;
+    assert_eq!(escalated["state"], "escalated");
+    let told =
+        next_event(&mut customer_events, Duration::from_secs(10), |e| e["ev"] == "ticket" && e["state"] == "escalated")
+            .await
+            .expect("the customer hears of the escalation");
+    assert_eq!(told["priority"], "high");
+    assert!(told["notice"].as_str().unwrap().contains("escalated to high priority"), "{told}");
+    // The queue gives it to the other agent, at the raised priority.
+    assert_eq!(assigned_to(&mut second_events, &a2, 1).await, [id.as_str()]);
+    let t = call(&customer, "ticket.get", json!({ "ticket": id })).await;
+    let escalation = t["history"].as_array().unwrap().iter().find(|h| h["event"]["action"] == "escalated").unwrap();
+    assert_eq!(
+        (escalation["event"]["reason"].as_str(), escalation["by"].as_str()),
+        (Some("needs a supervisor"), Some(a1.as_str()))
+    );
+    assert_eq!((t["ticket"]["priority"].as_str(), t["ticket"]["escalations"].as_u64()), (Some("high"), Some(1)));
+    // The new assignee resolves and closes it; the customer rates it afterwards.
+    call(&second, "ticket.propose", json!({ "ticket": id, "solution": "refunded" })).await;
+    call(&customer, "ticket.confirm", json!({ "ticket": id, "accepted": true })).await;
+    call(&second, "ticket.close", json!({ "ticket": id })).await;
+    let (code, message, _) =
+        server_error(first.request("ticket.escalate", json!({ "ticket": id, "reason": "again" })).await, "closed");
+    assert_eq!(code, "conflict");
+    assert!(message.contains("closed"), "{message}");
+    call(&customer, "ticket.rate", json!({ "ticket": id, "score": 4 })).await;
+    let (code, message, _) =
+        server_error(customer.request("ticket.rate", json!({ "ticket": id, "score": 5 })).await, "twice");
+    assert_eq!(code, "conflict");
+    assert!(message.contains("closed"), "{message}");
+    let rated = wait_until(Duration::from_secs(10), || async { desk(&node, "fee").await["csat_count"] == 1 }).await;
+    let fee = desk(&node, "fee").await;
+    assert!(rated, "a rating after the close never reached the desk: {fee}");
+    assert_eq!(fee["csat_average"].as_f64(), Some(4.0), "{fee}");
+    assert_eq!(desk_gauge(&node, "convoy_desk_csat_average", "fee", None).await, Some(4.0));
+    assert_eq!(desk_gauge(&node, "convoy_desk_csat_ratings_total", "fee", None).await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_follow_the_tickets_priority_and_a_missed_resolution_is_a_breach() {
+    // Urgent tickets: both deadlines in 5 s; low ones in a minute.
+    let node = Node::start(
+        with_sla(NodeOptions::new(), "60s", "60s")
+            .set("tickets.sla.urgent.first_response", "5s")
+            .set("tickets.sla.urgent.resolution", "5s"),
+    );
+    let customer = connect_as(&node, &unique("c"), &["customer"], &[], None).await;
+    let damage = agent(&node, &unique("a"), &["damage"]).await;
+    let (lost, receipt) = (unique("lost"), unique("pod"));
+    let opened = call(&customer, "ticket.open", json!({ "ticket": lost, "subject": "快递丢失了" })).await;
+    assert_eq!(opened["tickets"][0]["priority"], "urgent");
+    let low = call(&customer, "ticket.open", json!({ "ticket": receipt, "subject": "回单" })).await;
+    assert_eq!(low["tickets"][0]["priority"], "low");
+    let (urgent_due, low_due) =
+        (opened["tickets"][0]["due_at"].as_u64().unwrap(), low["tickets"][0]["due_at"].as_u64().unwrap());
+    assert!(low_due >= urgent_due + 50_000, "resolution due: urgent {urgent_due}, low {low_due}");
+    // The agent answers the urgent one in time; its resolution deadline still passes.
+    assert!(
+        wait_until(Duration::from_secs(10), || async { ticket(&customer, &lost).await["state"] == "assigned" }).await
+    );
+    call(&damage, "ticket.reply", json!({ "ticket": lost, "text": "searching the hub" })).await;
+    assert!(wait_until(Duration::from_secs(15), || async { breaches(&customer, &lost).await == 1 }).await);
+    let got = call(&customer, "ticket.get", json!({ "ticket": lost })).await;
+    let breach = got["history"].as_array().unwrap().iter().find(|h| h["event"]["action"] == "sla_breached").unwrap();
+    assert_eq!(breach["event"]["deadline"], "resolution");
+    assert!(breach["at"].as_u64().unwrap() >= urgent_due, "fired before its deadline: {breach}");
+    // Escalated, and (the only damage agent having room) assigned to them again.
+    assert_eq!((got["ticket"]["escalations"].as_u64(), got["ticket"]["breaches"].as_u64()), (Some(1), Some(1)));
+    let after: Vec<&str> =
+        got["history"].as_array().unwrap().iter().map(|h| h["event"]["action"].as_str().unwrap()).collect();
+    let breached = after.iter().position(|a| *a == "sla_breached").unwrap();
+    assert_eq!(after.get(breached + 1), Some(&"escalated"), "{after:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { desk(&node, "damage").await["sla_breaches_total"] == 1 }).await
+    );
+    assert_eq!(desk_gauge(&node, "convoy_desk_sla_breaches_total", "damage", None).await, Some(1.0));
+    // The low ticket, opened at the same moment, has not breached anything.
+    assert_eq!(breaches(&customer, &receipt).await, 0);
+    assert_eq!(ticket(&customer, &receipt).await["state"], "queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_receiver_gets_one_attempt_at_a_time_with_backoff_and_the_ticket_goes_on() {
+    let hooks = WebhookReceiver::start().await;
+    hooks.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A timeout longer than the timers' re-fire interval (2 s).
+    let node = Node::start(
+        NodeOptions::new()
+            .set("webhooks.url", hooks.url.as_str())
+            .set("webhooks.secret", "webhook-signing-secret-0123456789")
+            .set("webhooks.timeout", "3s"),
+    );
+    let customer = connect_as(&node, &unique("c"), &["customer"], &[], None).await;
+    let id = unique("t");
+    call(&customer, "ticket.open", json!({ "ticket": id, "subject": "运费" })).await;
+    let key = format!("ticket/{id}/rev/1");
+    let of_key = |attempts: Vec<Attempt>| -> Vec<Attempt> {
+        let mut a: Vec<Attempt> = attempts.into_iter().filter(|a| a.idempotency_key == key).collect();
+        a.sort_by_key(|a| a.arrived);
+        a
+    };
+    // The entity is not held up meanwhile.
+    call(&customer, "ticket.reply", json!({ "ticket": id, "text": "any news?" })).await;
+    assert!(
+        wait_until(Duration::from_secs(40), || async { of_key(hooks.attempts.lock().await.clone()).len() >= 3 }).await
+    );
+    let attempts = of_key(hooks.attempts.lock().await.clone());
+    for pair in attempts.windows(2) {
+        // The next attempt starts after the last one ended and its backoff (1 s, then 2 s) passed.
+        let gap = pair[1].arrived.saturating_duration_since(pair[0].ended);
+        assert!(
+            pair[1].arrived >= pair[0].ended && gap >= Duration::from_millis(800),
+            "attempts overlap or come early: {:?}",
+            attempts.iter().map(|a| (a.arrived, a.ended)).collect::<Vec<_>>()
+        );
+    }
+    // The receiver recovers: the event is delivered.
+    hooks.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let delivered = wait_until(Duration::from_secs(30), || async {
+        hooks.received().await.iter().any(|h| h.idempotency_key == key)
+    })
+    .await;
+    assert!(delivered, "never delivered after the receiver recovered");
 }

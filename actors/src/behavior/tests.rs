@@ -279,23 +279,27 @@ mod tickets {
             for _ in 0..10 {
                 tokio::task::yield_now().await;
             }
+            let lanes = crate::outbox::Lane::ALL;
             let due: Vec<(EntityKey, Timer)> = rt
                 .world
                 .lock()
                 .unwrap()
                 .states
                 .iter()
-                .filter_map(|(k, s)| match s {
-                    EntityState::Ticket(t) if !t.outbox.is_empty() => {
-                        Some((k.clone(), Timer::Ticket(TicketTimer::Outbox)))
-                    }
-                    EntityState::SkillQueue(q) if !q.outbox.is_empty() => {
-                        Some((k.clone(), Timer::Queue(crate::queue::QueueTimer::Outbox)))
-                    }
-                    EntityState::Group(g) if !g.outbox.is_empty() => {
-                        Some((k.clone(), Timer::Group(crate::group::GroupTimer::Outbox)))
-                    }
-                    _ => None,
+                .flat_map(|(k, s)| {
+                    let timers: Vec<Timer> = match s {
+                        EntityState::Ticket(t) if !t.outbox.is_empty() => {
+                            lanes.map(|l| Timer::Ticket(TicketTimer::Outbox(l))).to_vec()
+                        }
+                        EntityState::SkillQueue(q) if !q.outbox.is_empty() => {
+                            lanes.map(|l| Timer::Queue(crate::queue::QueueTimer::Outbox(l))).to_vec()
+                        }
+                        EntityState::Group(g) if !g.outbox.is_empty() => {
+                            lanes.map(|l| Timer::Group(crate::group::GroupTimer::Outbox(l))).to_vec()
+                        }
+                        _ => Vec::new(),
+                    };
+                    timers.into_iter().map(|t| (k.clone(), t))
                 })
                 .collect();
             if due.is_empty() {
@@ -388,5 +392,28 @@ mod tickets {
         settle(&rt).await;
         let t = ticket(&rt, "t-1");
         assert_eq!((t.status, t.assignee), (TicketStatus::Assigned, Some(stays.user.clone())));
+    }
+
+    #[tokio::test]
+    async fn a_rating_given_after_the_close_counts_in_the_desk_figures() {
+        let rt = desk_runtime();
+        let (fee, customer) = (agent("a-1", "fee"), person("c-1", "customer"));
+        for (key, req) in presence(&fee, &rt.cfg) {
+            rt.request(key, req).await.unwrap();
+        }
+        rt.call(&customer, "ticket.open", r#"{"ticket":"t-1","subject":"运费"}"#).await.unwrap();
+        settle(&rt).await;
+        rt.call(&fee, "ticket.propose", r#"{"ticket":"t-1","solution":"refund"}"#).await.unwrap();
+        rt.call(&customer, "ticket.confirm", r#"{"ticket":"t-1","accepted":true}"#).await.unwrap();
+        rt.call(&fee, "ticket.close", r#"{"ticket":"t-1"}"#).await.unwrap();
+        settle(&rt).await;
+        rt.call(&customer, "ticket.rate", r#"{"ticket":"t-1","score":4}"#).await.unwrap();
+        settle(&rt).await;
+        let skill = crate::ids::SkillGroup::parse("fee").unwrap();
+        let Some(EntityState::SkillQueue(q)) = rt.state(&EntityKey::SkillQueue(skill.clone())) else { panic!() };
+        let desk = q.desk(&skill, rt.now());
+        assert_eq!((desk.csat_count, desk.csat_average, desk.resolved_total), (1, Some(4.0), 1));
+        let listed: Vec<_> = q.summaries().map(|s| (s.ticket.to_string(), s.rating)).collect();
+        assert_eq!(listed, [("t-1".to_string(), Some(4))], "the closed ticket is listed with its rating");
     }
 }

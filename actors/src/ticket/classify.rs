@@ -13,7 +13,7 @@ pub struct Category {
     pub name: String,
     pub skill_group: SkillGroup,
     pub priority: Priority,
-    /// Lower-cased; matched as substrings of the lower-cased text.
+    /// Lower-cased; matched by [`mentions`].
     pub keywords: Vec<String>,
 }
 
@@ -61,11 +61,11 @@ pub struct Classified {
 pub fn classify(rules: &Rules, subject: &str, description: &str, tier: Tier) -> Vec<Classified> {
     let text = format!("{subject}\n{description}").to_lowercase();
     let mut matched: Vec<&Category> =
-        rules.categories.iter().filter(|c| c.keywords.iter().any(|k| text.contains(k.as_str()))).collect();
+        rules.categories.iter().filter(|c| c.keywords.iter().any(|k| mentions(&text, k))).collect();
     if matched.is_empty() {
         matched.push(&rules.fallback);
     }
-    let urgent = rules.urgency_words.iter().any(|w| text.contains(w.as_str()));
+    let urgent = rules.urgency_words.iter().any(|w| mentions(&text, w));
     matched
         .into_iter()
         .map(|c| {
@@ -79,6 +79,22 @@ pub fn classify(rules: &Rules, subject: &str, description: &str, tier: Tier) -> 
             Classified { category: c.name.clone(), skill_group: c.skill_group.clone(), priority }
         })
         .collect()
+}
+
+/// Whether lower-cased `text` contains `keyword`. Where the keyword starts or ends with a
+/// Latin letter or digit, the text must not continue the word there: `late` is not found in
+/// "latest", nor `fee` in "feedback". Chinese has no spaces between words, so a keyword
+/// that starts and ends with Chinese characters is found anywhere.
+pub fn mentions(text: &str, keyword: &str) -> bool {
+    let is_word = |c: char| c.is_ascii_alphanumeric();
+    let (Some(first), Some(last)) = (keyword.chars().next(), keyword.chars().last()) else { return false };
+    text.match_indices(keyword).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + keyword.len()..].chars().next();
+        let joins_before = is_word(first) && before.is_some_and(is_word);
+        let joins_after = is_word(last) && after.is_some_and(is_word);
+        !joins_before && !joins_after
+    })
 }
 
 #[cfg(test)]
@@ -114,6 +130,26 @@ mod tests {
         assert_eq!(classify(&rules(), "", "big DELAY", Tier::Standard)[0].category, "delivery_delay");
         let other = classify(&rules(), "hello", "", Tier::Standard);
         assert_eq!((other.len(), other[0].category.as_str()), (1, "other"));
+    }
+
+    #[test]
+    fn latin_keywords_match_whole_words_and_chinese_ones_anywhere() {
+        for (text, keyword, found) in [
+            ("my parcel is late", "late", true),
+            ("late.", "late", true),
+            ("the latest news", "late", false),
+            ("i will pay later", "late", false),
+            ("some feedback", "fee", false),
+            ("the fee, again", "fee", true),
+            ("my ipod", "pod", false),
+            ("no-show today", "no-show", true),
+            ("不是no-show啊", "no-show", true),
+            ("费用超时费", "超时费", true),
+            ("", "late", false),
+            ("anything", "", false),
+        ] {
+            assert_eq!(mentions(text, keyword), found, "{keyword:?} in {text:?}");
+        }
     }
 
     #[test]

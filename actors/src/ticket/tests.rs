@@ -124,13 +124,16 @@ fn a_deadline_fires_once_and_never_early() {
     assert_eq!(t.s().breaches, 1);
 }
 
+/// Every pending delivery of both lanes: requests, then webhooks.
+fn everything_due(outbox: &Outbox) -> Vec<crate::outbox::Pending> {
+    Lane::ALL.iter().flat_map(|lane| outbox.due(Timestamp(u64::MAX), *lane)).collect()
+}
+
 #[test]
 fn every_change_tells_the_queue_the_group_and_the_webhook_through_the_outbox() {
     let mut t = T::opened();
     let kinds = |t: &T| {
-        t.s()
-            .outbox
-            .due(Timestamp(u64::MAX))
+        everything_due(&t.s().outbox)
             .iter()
             .map(|p| match &p.delivery {
                 Delivery::Webhook(h) => h.event.clone(),
@@ -140,10 +143,32 @@ fn every_change_tells_the_queue_the_group_and_the_webhook_through_the_outbox() {
     };
     assert_eq!(kinds(&t), ["group", "skill_queue", "ticket.changed"]);
     let ids: Vec<(u64, DeliveryResult)> =
-        t.s().outbox.due(Timestamp(u64::MAX)).iter().map(|p| (p.id, DeliveryResult::Delivered)).collect();
+        everything_due(&t.s().outbox).iter().map(|p| (p.id, DeliveryResult::Delivered)).collect();
     let settled = t.run(TicketCommand::Settle { results: ids, max_attempts: 3 });
-    assert!(settled.timers.contains(&(TicketTimer::Outbox, None)));
+    for lane in Lane::ALL {
+        assert!(settled.timers.contains(&(TicketTimer::Outbox(lane), None)));
+    }
     assert!(t.s().outbox.is_empty());
     t.run(TicketCommand::Claim { by: p("a-1", "agent", &["fee"]) }).reply.unwrap();
     assert_eq!(kinds(&t), ["skill_queue", "group", "ticket.changed"]);
+}
+
+#[test]
+fn a_ticket_with_the_longest_id_still_notes_its_group_once_per_change() {
+    let long = TicketId::parse(&"t".repeat(crate::ids::MAX_ID_LEN)).unwrap();
+    let mut state = None;
+    let mut run = |cmd, at| TicketState::apply(&mut state, &long, cmd, Timestamp(at)).reply.unwrap();
+    run(open(), 1);
+    run(TicketCommand::Claim { by: p("a-1", "agent", &["fee"]) }, 2);
+    run(TicketCommand::Propose { by: p("a-1", "agent", &["fee"]), solution: "refund".into() }, 3);
+    let notes: Vec<ClientMsgId> = everything_due(&state.as_ref().unwrap().outbox)
+        .into_iter()
+        .filter_map(|p| match p.delivery {
+            Delivery::Request { request: Request::Group(GroupCommand::Note { note_id, .. }), .. } => note_id,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes.len(), 3, "linked, assigned, awaiting confirmation: {notes:?}");
+    let distinct: std::collections::BTreeSet<&str> = notes.iter().map(|n| n.as_str()).collect();
+    assert_eq!(distinct.len(), 3, "{notes:?}");
 }

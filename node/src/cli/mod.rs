@@ -112,7 +112,7 @@ pub struct StartArgs {
 
 #[derive(Debug, Args)]
 #[command(after_help = "The secret is taken from, in order: CONVOY_AUTH_SECRET, auth.secret of --config, the secret \
-`convoy dev` generated in --data-dir.\n\nExample:\n  convoy token --user a-5 --role agent --skill fee --skill damage --ttl 8h\n")]
+`convoy dev` generated in --data-dir.\n\nExample:\n  convoy token --user a-5 --role agent --skill fee --skill damage --capacity 8 --ttl 8h\n")]
 pub struct TokenArgs {
     /// The user id (the token's `sub`): 1..64 of A-Z a-z 0-9 _ . : -
     #[arg(long)]
@@ -126,6 +126,9 @@ pub struct TokenArgs {
     /// Customer tier: vip or standard.
     #[arg(long)]
     pub tier: Option<String>,
+    /// Tickets this agent works at once (1..100); tickets.agent_capacity when left out.
+    #[arg(long)]
+    pub capacity: Option<u32>,
     /// How long the token is valid (e.g. 30m, 8h, 7d).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,

@@ -17,7 +17,19 @@ pub struct Claims {
     pub skills: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
     pub exp: u64,
+}
+
+/// Who a token to mint names: every claim but the expiry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Holder<'a> {
+    pub sub: &'a str,
+    pub roles: &'a [String],
+    pub skills: &'a [String],
+    pub tier: Option<&'a str>,
+    pub capacity: Option<u32>,
 }
 
 /// A verified token: who it names and until when it is valid (Unix seconds).
@@ -52,12 +64,13 @@ impl TokenKeys {
     }
 
     /// Signs a token for `claims` valid for `ttl`.
-    pub fn mint(&self, sub: &str, roles: &[String], skills: &[String], tier: Option<&str>, ttl: Duration) -> String {
+    pub fn mint(&self, holder: &Holder<'_>, ttl: Duration) -> String {
         let claims = Claims {
-            sub: sub.to_string(),
-            roles: roles.to_vec(),
-            skills: skills.to_vec(),
-            tier: tier.map(str::to_string),
+            sub: holder.sub.to_string(),
+            roles: holder.roles.to_vec(),
+            skills: holder.skills.to_vec(),
+            tier: holder.tier.map(str::to_string),
+            capacity: holder.capacity,
             exp: unix_now() + ttl.as_secs(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -83,7 +96,8 @@ impl TokenKeys {
         if c.exp > unix_now() + self.max_ttl.as_secs() + 60 {
             return Err(unauthorized(format!("token expiry is more than {}s away, the limit", self.max_ttl.as_secs())));
         }
-        let principal = Principal::from_claims(&c.sub, &c.roles, &c.skills, c.tier.as_deref())?;
+        let principal =
+            Principal::from_claims(&c.sub, &c.roles, &c.skills, c.tier.as_deref())?.with_capacity(c.capacity)?;
         Ok(Verified { principal, expires_at: c.exp })
     }
 }
@@ -99,27 +113,40 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let k = keys("a-secret-of-at-least-thirty-two-bytes!!");
-        let t = k.mint("u-17", &["driver".into()], &[], Some("vip"), Duration::from_secs(60));
-        let v = k.verify(&t).unwrap();
+        let roles = ["agent".to_string()];
+        let holder = Holder { sub: "u-17", roles: &roles, tier: Some("vip"), capacity: Some(3), ..Holder::default() };
+        let v = k.verify(&k.mint(&holder, Duration::from_secs(60))).unwrap();
         assert_eq!(v.principal.user.as_str(), "u-17");
         assert_eq!(v.principal.tier, convoy_actors::principal::Tier::Vip);
+        assert_eq!(v.principal.capacity, Some(3));
     }
 
     #[test]
     fn wrong_secret_expired_and_garbage_are_unauthorized() {
         let k = keys("a-secret-of-at-least-thirty-two-bytes!!");
         let other = keys("another-secret-of-at-least-thirty-two!!");
-        let t = other.mint("u", &["driver".into()], &[], None, Duration::from_secs(60));
+        let driver = ["driver".to_string()];
+        let holder = Holder { sub: "u", roles: &driver, ..Holder::default() };
+        let t = other.mint(&holder, Duration::from_secs(60));
         assert!(k.verify(&t).unwrap_err().message.contains("signature"));
-        let claims =
-            Claims { sub: "u".into(), roles: vec!["driver".into()], skills: vec![], tier: None, exp: unix_now() - 100 };
+        let claims = Claims {
+            sub: "u".into(),
+            roles: driver.to_vec(),
+            skills: vec![],
+            tier: None,
+            capacity: None,
+            exp: unix_now() - 100,
+        };
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&expired).unwrap_err().message, "token expired");
         assert!(k.verify("not.a.jwt").is_err());
         assert!(k.verify("").is_err());
-        let bad_role = k.mint("u", &["pilot".into()], &[], None, Duration::from_secs(60));
+        let pilot = ["pilot".to_string()];
+        let bad_role = k.mint(&Holder { roles: &pilot, ..holder }, Duration::from_secs(60));
         assert_eq!(k.verify(&bad_role).unwrap_err().code, ErrorCode::Unauthorized);
-        let too_long = k.mint("u", &["driver".into()], &[], None, Duration::from_secs(10 * 86400));
+        let no_room = k.mint(&Holder { capacity: Some(0), ..holder }, Duration::from_secs(60));
+        assert!(k.verify(&no_room).unwrap_err().message.contains("capacity"));
+        let too_long = k.mint(&holder, Duration::from_secs(10 * 86400));
         assert!(k.verify(&too_long).is_err());
     }
 }
