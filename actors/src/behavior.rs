@@ -236,7 +236,6 @@ fn deliver_outbox<R: Runtime>(
     settle: fn(Vec<(u64, DeliveryResult)>, u32) -> Command,
 ) -> Handling {
     let due = outbox.map(|o| o.due(rt.now(), lane)).unwrap_or_default();
-    let (key, rt) = (key.clone(), rt.clone());
     // In due order; a webhook is a sequence of its own.
     let mut sequences: Vec<Vec<Pending>> = Vec::new();
     for p in due {
