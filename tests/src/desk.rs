@@ -54,15 +54,15 @@ pub async fn desk(node: &Node, skill_group: &str) -> Value {
         .unwrap_or_else(|| panic!("no {skill_group} in {desk}"))
 }
 
-/// The sample of gauge `name` labelled with `skill_group` (and `state`, when given) on `/metrics`.
+/// The samples of gauge `name` labelled with `skill_group` (and `state`, when given) on
+/// `/metrics`, summed.
 pub async fn desk_gauge(node: &Node, name: &str, skill_group: &str, state: Option<&str>) -> Option<f64> {
     let body = crate::http::get(&format!("{}/metrics", node.admin_url())).await.expect("GET /metrics").body;
     let group = format!("skill_group=\"{skill_group}\"");
     let state = state.map(|s| format!("state=\"{s}\""));
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&group))
-        .find(|l| state.as_ref().is_none_or(|s| l.contains(s.as_str())))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    let labelled: Vec<&str> =
+        body.lines().filter(|l| l.contains(&group) && state.as_ref().is_none_or(|s| l.contains(s.as_str()))).collect();
+    convoy_chaos::metrics::sum_metric(&labelled.join("\n"), name)
 }
 
 /// A ticket op; panics on an error reply.
