@@ -55,6 +55,12 @@ impl Claims {
         self
     }
 
+    /// Sets how many tickets an agent works at once (1..100).
+    pub fn with_capacity(mut self, capacity: u32) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
     /// Sets the customer tier (`vip` or `standard`).
     pub fn with_tier(mut self, tier: impl Into<String>) -> Self {
         self.tier = Some(tier.into());

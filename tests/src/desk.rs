@@ -38,8 +38,7 @@ pub async fn agent(node: &Node, user: &str, skills: &[&str]) -> Client {
 
 /// An agent whose token claims how many tickets they work at once.
 pub async fn agent_with_capacity(node: &Node, user: &str, skills: &[&str], capacity: u32) -> Client {
-    let mut claims = Claims::new(user, ["agent"], TOKEN_TTL).with_skills(skills.iter().copied());
-    claims.capacity = Some(capacity);
+    let claims = Claims::new(user, ["agent"], TOKEN_TTL).with_skills(skills.iter().copied()).with_capacity(capacity);
     connect_with(node, &claims).await
 }
 

@@ -467,7 +467,8 @@ async fn sla_and_receipt_timers_fire_once_across_a_leader_kill() {
     assert_eq!(overdue_entries(&dispatcher, &group).await, 1);
 }
 
-/// The ids of the tickets `client` is told were assigned to `agent`, in the order told.
+/// The ids of the next `n` tickets `events` says were assigned to `agent`, in the order told
+/// (fewer if they do not come within 10 s each).
 async fn assigned_to(events: &mut tokio::sync::mpsc::Receiver<Value>, agent: &str, n: usize) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < n {
