@@ -92,6 +92,20 @@ pub enum EntityState {
     SkillQueue(SkillQueueState),
 }
 
+impl EntityState {
+    /// How many entries the entity's log holds: exactly the seqs `1..=log_len()` are stored
+    /// (groups' messages, tickets' history). Entries are written once and never changed,
+    /// so the runtime copies a log for a snapshot up to this length, from a copied state,
+    /// while later entries are still being applied.
+    pub fn log_len(&self) -> Seq {
+        match self {
+            EntityState::Group(g) => g.last_seq,
+            EntityState::Ticket(t) => t.last_seq,
+            EntityState::User(_) | EntityState::SkillQueue(_) => 0,
+        }
+    }
+}
+
 /// A replicated command: one Raft log entry changes one entity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
@@ -417,8 +431,6 @@ fn mismatch(key: &EntityKey) -> Rejection {
     Rejection::new(crate::ErrorCode::Internal, format!("{key} holds state or a command of another kind"))
 }
 
-/// Applies `cmd` to the entity `key`. Deterministic: every replica computes the same
-/// outcome from the same state, command and `at`.
 /// Takes the typed state of one kind out of `state`, or answers a mismatch.
 macro_rules! take_state {
     ($state:ident, $variant:ident, $key:ident) => {
@@ -433,7 +445,29 @@ macro_rules! take_state {
     };
 }
 
+/// Applies `cmd` to the entity `key`. Deterministic: every replica computes the same
+/// outcome from the same state, command and `at`.
 pub fn apply(
+    key: &EntityKey,
+    state: &mut Option<EntityState>,
+    cmd: Command,
+    at: Timestamp,
+    index: &impl LogIndex,
+) -> Result<Outcome, StorageFault> {
+    let outcome = apply_to(key, state, cmd, at, index)?;
+    if let Some(last) = outcome.appended.last() {
+        let log_len = state.as_ref().map(EntityState::log_len);
+        assert!(
+            outcome.state_changed && log_len == Some(last.seq),
+            "{key}: appended up to seq {} but the state holds a log of {log_len:?} (changed: {})",
+            last.seq,
+            outcome.state_changed
+        );
+    }
+    Ok(outcome)
+}
+
+fn apply_to(
     key: &EntityKey,
     state: &mut Option<EntityState>,
     cmd: Command,

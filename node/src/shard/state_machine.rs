@@ -65,6 +65,9 @@ pub struct ShardStateMachine {
     /// Set when a batch failed to be written: the state machine stops applying.
     broken: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<CurrentSnapshot>,
+    /// Held for reading while a snapshot copies the append-only rows after its cut, for
+    /// writing while a snapshot is installed (which replaces them).
+    rewrites: Arc<tokio::sync::RwLock<()>>,
     /// `convoy_apply_batch_entries{group}`, registered once (not looked up per batch).
     batch_entries: metrics::Histogram,
 }
@@ -89,6 +92,7 @@ impl ShardStateMachine {
             batches: 0,
             broken: Arc::default(),
             current: Arc::new(current),
+            rewrites: Arc::default(),
             batch_entries: metrics::histogram!("convoy_apply_batch_entries", "group" => group.to_string()),
         })
     }
@@ -368,20 +372,20 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         // sled has no point-in-time view; this runs in order with `apply`, so the cut taken
         // here is consistent with `meta` once the batches `apply` queued are in the store.
         // Without the barrier the snapshot would claim entries whose effects it lacks.
-        // The copy takes long on a large shard: off the async workers, so only this shard's
-        // applies wait for it, not every task of the node.
+        // Applies wait for the cut, so it copies only the rows that change (states, timers,
+        // the applied position): entity logs, the bulk of a shard, are copied by the builder
+        // while applies go on (`SnapshotBuilder::copy_logs`). Off the async workers, so only
+        // this shard's applies wait, not every task of the node.
         let started = std::time::Instant::now();
         let rows = match self.store.writer().barrier().await {
             Ok(()) => {
                 let (lo, hi) = keys::state_machine(self.group);
+                let (logs_lo, logs_hi) = keys::append_only(self.group);
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || {
-                    store.engine().range(
-                        std::ops::Bound::Included(&lo),
-                        std::ops::Bound::Excluded(&hi),
-                        false,
-                        usize::MAX,
-                    )
+                    let mut rows = read_all(&store, &lo, &logs_lo)?;
+                    rows.extend(read_all(&store, &logs_hi, &hi)?);
+                    Ok::<_, StoreError>(rows)
                 })
                 .await
                 .map_err(io::Error::other)
@@ -395,13 +399,18 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 "took the snapshot's cut; applies waited for it");
         }
         SnapshotBuilder {
+            group: self.group,
             meta: SnapshotMeta { last_log_id: self.meta.last_applied, last_membership: self.meta.membership.clone() },
             rows,
+            store: self.store.clone(),
+            rewrites: self.rewrites.clone(),
             current: self.current.clone(),
         }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
+        // Not under a builder still copying the logs this replaces.
+        let _rewriting = self.rewrites.write().await;
         self.store.writer().barrier().await?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = codec::decode("snapshot data", snapshot.get_ref())?;
         let (lo, hi) = keys::state_machine(self.group);
@@ -436,11 +445,108 @@ fn timer_of(t: &TimerChange) -> &domain::Timer {
 
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Rows read per engine call when copying a range, so a copy never holds a second whole
+/// range in memory.
+const COPY_PAGE_ROWS: usize = 4096;
+
+/// Hands every row in `[lo, hi)` to `each`, in key order, reading a page at a time.
+fn for_each_row<E: From<StoreError>>(
+    store: &Store,
+    lo: &[u8],
+    hi: &[u8],
+    mut each: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::ops::Bound;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let start = match &after {
+            Some(last) => Bound::Excluded(last.as_slice()),
+            None => Bound::Included(lo),
+        };
+        let page = store.engine().range(start, Bound::Excluded(hi), false, COPY_PAGE_ROWS)?;
+        let full = page.len() == COPY_PAGE_ROWS;
+        after = page.last().map(|(k, _)| k.clone());
+        for (key, value) in page {
+            each(key, value)?;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Every row in `[lo, hi)`.
+fn read_all(store: &Store, lo: &[u8], hi: &[u8]) -> Result<Rows, StoreError> {
+    let mut rows = Vec::new();
+    for_each_row(store, lo, hi, |k, v| {
+        rows.push((k, v));
+        Ok::<_, StoreError>(())
+    })?;
+    Ok(rows)
+}
+
 pub struct SnapshotBuilder {
+    group: RaftGroupId,
     meta: SnapshotMeta,
-    /// The consistent cut, taken when the builder was created.
+    /// The cut, taken in order with `apply` when the builder was created: every row but
+    /// the append-only ones.
     rows: Result<Rows, io::Error>,
+    store: Store,
+    rewrites: Arc<tokio::sync::RwLock<()>>,
     current: Arc<CurrentSnapshot>,
+}
+
+impl SnapshotBuilder {
+    /// Adds to the cut `rows` the entity log entries and idempotency records that existed
+    /// at the cut. They are written once and never changed, so reading them later gives
+    /// what the cut would have: exactly the entries up to each entity's log length in its
+    /// copied state, and the idempotency records of those entries. Later ones are left out.
+    fn copy_logs(store: &Store, group: RaftGroupId, mut rows: Rows) -> Result<Rows, io::Error> {
+        let mut log_len: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        for (key, value) in &rows {
+            if let Some(entity) = keys::state_entity(key) {
+                let state: EntityState = codec::decode("entity state", value)?;
+                if state.log_len() > 0 {
+                    log_len.insert(entity.to_vec(), (state.log_len(), 0));
+                }
+            }
+        }
+        let (lo, hi) = keys::append_only(group);
+        for_each_row(store, &lo, &hi, |key, value| {
+            let keep = match keys::append_only_row(&key) {
+                Some(keys::AppendOnlyRow::Entry { entity, seq }) => match log_len.get_mut(entity) {
+                    Some((len, copied)) if seq <= *len => {
+                        *copied += 1;
+                        true
+                    }
+                    _ => false,
+                },
+                Some(keys::AppendOnlyRow::Idempotency { entity }) => {
+                    let (seq, _): (u64, Timestamp) = codec::decode("idempotency record", &value)?;
+                    log_len.get(entity).is_some_and(|(len, _)| seq <= *len)
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{group}: {key:?} is not a log row"),
+                    ));
+                }
+            };
+            if keep {
+                rows.push((key, value));
+            }
+            Ok(())
+        })?;
+        // Seqs are 1..=log_len with none missing: a shortfall means rows went away under
+        // the copy, and the snapshot would lose messages.
+        if let Some((entity, (len, copied))) = log_len.iter().find(|(_, (len, copied))| len != copied) {
+            return Err(io::Error::other(format!(
+                "{group}: the log of {} holds {copied} of the {len} entries its state names",
+                String::from_utf8_lossy(entity)
+            )));
+        }
+        Ok(rows)
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -449,8 +555,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
         let meta = self.meta.clone();
-        let current = self.current.clone();
+        let (store, group, current) = (self.store.clone(), self.group, self.current.clone());
+        let copying = self.rewrites.clone().read_owned().await;
         let file = tokio::task::spawn_blocking(move || {
+            let rows = Self::copy_logs(&store, group, rows)?;
+            drop(copying);
             let file = SnapshotFile { meta, data: codec::encode(&rows) };
             current.save(&file).map(|_| file)
         })
