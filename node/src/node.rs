@@ -327,7 +327,7 @@ pub async fn run(
         Arc::new(HeartbeatReports { shards: shards.clone(), view: view.clone() }),
     );
     tokio::spawn(follow_cluster(cluster_state.clone(), transport.clone(), view.clone(), addrs_tx, seeds.clone()));
-    tokio::spawn(shards.clone().run(cluster_state.clone()));
+    let shards_task = tokio::spawn(shards.clone().run(cluster_state.clone(), shutdown_rx.clone()));
     tokio::spawn(join_or_found(meta.clone(), transport.clone(), seeds));
     let controller = Controller::new(
         meta.clone(),
@@ -365,6 +365,9 @@ pub async fn run(
     while gw.open_connections() > 0 && tokio::time::Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The shards' keeper ends first: it would take the groups stopped below for failed ones
+    // and start them again.
+    let _ = shards_task.await;
     for host in router.local_hosts() {
         host.shutdown().await;
     }

@@ -227,6 +227,9 @@ async fn sigterm_exits_zero_and_keeps_everything_acked() {
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     assert!(status.success(), "SIGTERM: exit status {status}");
+    let log = std::fs::read_to_string(node.log_path()).expect("reading the node's log");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "a clean stop logs no errors:\n{}", errors.join("\n"));
     for task in tasks {
         task.await.expect("sender task");
     }

@@ -152,8 +152,13 @@ impl Shards {
     }
 
     /// Keeps hosted groups in line with placement, and the view fed with local reports.
-    pub async fn run(self: Arc<Self>, mut cluster: watch::Receiver<Arc<ClusterState>>) {
-        loop {
+    /// Ends once `shutdown` is set.
+    pub async fn run(
+        self: Arc<Self>,
+        mut cluster: watch::Receiver<Arc<ClusterState>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        while !*shutdown.borrow_and_update() {
             let state = cluster.borrow_and_update().clone();
             self.reconcile(&state).await;
             self.restart_stopped().await;
@@ -163,6 +168,7 @@ impl Shards {
             }
             tokio::select! {
                 _ = cluster.changed() => {}
+                _ = shutdown.changed() => {}
                 _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             }
         }
