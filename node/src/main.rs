@@ -186,6 +186,14 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
         ]);
     }
     println!("{groups}");
+    if s.unsettled.is_empty() {
+        println!("settled: every shard has a leader and its placed replicas, leaders are spread");
+    } else {
+        println!("settling:");
+        for reason in &s.unsettled {
+            println!("  - {reason}");
+        }
+    }
     Ok(())
 }
 

@@ -167,6 +167,12 @@ async fn an_isolated_leader_is_replaced_and_catches_up_after_heal() {
     })
     .await;
     assert!(l_sees, "{l_name} does not see its peers down: {}", cluster.status(l).await);
+    let seen_by_l = cluster.status(l).await;
+    for n in &other_names {
+        let down = format!("{n} is down");
+        let listed = seen_by_l["unsettled"].as_array().is_some_and(|u| u.iter().any(|r| r == down.as_str()));
+        assert!(listed, "{l_name}'s status lists `{down}` among what is unsettled: {seen_by_l}");
+    }
 
     // A client of L itself is told promptly that L cannot commit, instead of being held until
     // the node's request timeout (5 s): a cut-off leader answers `unavailable` on its own.

@@ -47,14 +47,19 @@ fn unsettled(status: &Value, members: &BTreeSet<String>) -> Option<String> {
     None
 }
 
-/// Waits until node `via` reports the placement settled on `members`.
+/// Waits until node `via` reports the placement settled on `members`, as this test reads its
+/// status document and as the node itself says (`unsettled` empty: leaders spread too).
 async fn settle(cluster: &Cluster, via: usize, members: &BTreeSet<String>, timeout: Duration) -> Duration {
     let began = Instant::now();
     let last = std::sync::Mutex::new(String::new());
     let ok = wait_until(timeout, || async {
         match try_status(cluster, via).await {
             Some(status) => match unsettled(&status, members) {
-                None => true,
+                None => {
+                    let reasons = status["unsettled"].as_array().cloned().unwrap_or_default();
+                    *last.lock().unwrap() = format!("the node says it is settling: {reasons:?}");
+                    status["unsettled"].as_array().is_some_and(Vec::is_empty)
+                }
                 Some(why) => {
                     *last.lock().unwrap() = why;
                     false
@@ -102,6 +107,15 @@ async fn a_node_joins_and_a_drained_node_leaves_while_clients_send() {
     let mut cluster = Cluster::start(3, burst_options());
     let first_three: BTreeSet<String> = cluster.nodes.iter().map(|n| n.id().to_string()).collect();
     settle(&cluster, 0, &first_three, Duration::from_secs(20)).await;
+    // What an operator sees: both tables and the verdict.
+    let (token, admin) = (admin_token(cluster.node(0)), cluster.node(0).admin_url().to_string());
+    let (ok, out) = tokio::task::block_in_place(|| {
+        convoy_cli(&["status", "--admin", &admin, "--token", &token], Duration::from_secs(30))
+    });
+    assert!(ok, "convoy cluster status failed: {out}");
+    for expected in ["n1", "n2", "n3", "shard-0", "shard-7", "meta", "settled: every shard has a leader"] {
+        assert!(out.contains(expected), "convoy cluster status shows {expected:?}:\n{out}");
+    }
 
     // Draining one of three would leave too few nodes for three replicas: refused, with the reason.
     let refused = admin_post(cluster.node(0), "/v1/cluster/nodes/n3/drain").await;
@@ -157,8 +171,6 @@ async fn a_node_joins_and_a_drained_node_leaves_while_clients_send() {
     let flowing = wait_until(Duration::from_secs(30), || async { ledger.ack_count() >= acks_at_join + 200 }).await;
     assert!(flowing, "the senders stalled after the join; errors {:?}", ledger.errors());
     let drain_began = Instant::now();
-    let token = admin_token(cluster.node(0));
-    let admin = cluster.node(0).admin_url().to_string();
     let (ok, out) = tokio::task::block_in_place(|| {
         convoy_cli(&["drain", "n4", "--wait", "--admin", &admin, "--token", &token], Duration::from_secs(90))
     });

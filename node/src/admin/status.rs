@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::ClusterHandles;
+use crate::cluster::controller::{LeaderMove, leader_to_move};
+use crate::cluster::meta::MemberStatus;
 use crate::router::Router;
 use crate::shard::{NodeId, RaftGroupId};
 
@@ -16,6 +18,10 @@ pub struct ClusterStatus {
     pub replication_factor: u8,
     pub members: Vec<MemberRow>,
     pub groups: Vec<GroupRow>,
+    /// What still differs from what placement wants (a member down or draining, a shard
+    /// without a leader, replicas moving, shard leaders to spread); empty once settled.
+    #[serde(default)]
+    pub unsettled: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +66,19 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
     let mut leads: std::collections::HashMap<NodeId, usize> = Default::default();
     let mut holds: std::collections::HashMap<NodeId, usize> = Default::default();
     let mut lag: std::collections::HashMap<NodeId, u64> = Default::default();
+    let mut unsettled = Vec::new();
+    // The shards each node leads, as the controller spreads them: every active member is
+    // listed, leading none or more.
+    let mut shards_led: std::collections::BTreeMap<NodeId, Vec<RaftGroupId>> =
+        state.active().map(|n| (n, Vec::new())).collect();
+    for (id, m) in &state.members {
+        if *id != me && !c.transport.is_up(*id) {
+            unsettled.push(format!("{} is down", m.addr.name));
+        }
+        if m.status == MemberStatus::Draining {
+            unsettled.push(format!("{} is draining", m.addr.name));
+        }
+    }
     for g in groups {
         let view = c.view.group(g);
         let leader = if g.is_meta() { view.as_ref().and_then(|v| v.leader) } else { router.leader_of(g) };
@@ -74,6 +93,23 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             let l = lag.entry(*n).or_default();
             *l = (*l).max(behind);
         }
+        if !g.is_meta() && state.is_bootstrapped() {
+            match leader {
+                Some(l) => shards_led.entry(l).or_default().push(g),
+                None => unsettled.push(format!("{g} has no leader")),
+            }
+            let placed: std::collections::BTreeSet<NodeId> = state.replicas(g).into_iter().collect();
+            if placed != voters.iter().copied().collect() {
+                unsettled.push(format!(
+                    "{g} moves its replicas from {} to {}",
+                    list(&names(&voters)),
+                    list(&names(&Vec::from_iter(placed)))
+                ));
+            }
+            if !learners.is_empty() {
+                unsettled.push(format!("{g} has learners catching up: {}", list(&names(&learners))));
+            }
+        }
         rows.push(GroupRow {
             group: g.to_string(),
             leader: leader.map(name),
@@ -84,6 +120,17 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             applied,
         });
     }
+    let movable = |g: RaftGroupId, to: NodeId| c.view.group(g).is_some_and(|v| v.voters.contains(&to));
+    if let Some(LeaderMove { from, to, .. }) = leader_to_move(&state, &shards_led, movable) {
+        let leads = |n: NodeId| shards_led.get(&n).map_or(0, Vec::len);
+        unsettled.push(format!(
+            "shard leaders are being spread: {} leads {}, {} leads {}",
+            name(from),
+            leads(from),
+            name(to),
+            leads(to)
+        ));
+    }
     let members = state
         .members
         .iter()
@@ -91,8 +138,8 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             id: format!("{id:016x}"),
             name: m.addr.name.clone(),
             status: match m.status {
-                crate::cluster::meta::MemberStatus::Active => "active".into(),
-                crate::cluster::meta::MemberStatus::Draining => "draining".into(),
+                MemberStatus::Active => "active".into(),
+                MemberStatus::Draining => "draining".into(),
             },
             up: *id == me || c.transport.is_up(*id),
             cluster_addr: m.addr.cluster_addr.clone(),
@@ -110,5 +157,10 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
         replication_factor: state.replication_factor,
         members,
         groups: rows,
+        unsettled,
     }
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() { "none".into() } else { names.join(" ") }
 }

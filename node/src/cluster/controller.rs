@@ -179,21 +179,9 @@ impl Controller {
         if !state.members.keys().all(|n| self.reachable(*n)) {
             return Ok(());
         }
-        let Some((&busiest, groups)) = led.iter().max_by_key(|(_, g)| g.len()) else { return Ok(()) };
-        let Some((&idlest, few)) = led
-            .iter()
-            .filter(|(n, _)| state.members.get(n).is_some_and(|m| m.status == MemberStatus::Active))
-            .min_by_key(|(_, g)| g.len())
-        else {
-            return Ok(());
-        };
-        if groups.len() < few.len() + 2 {
-            return Ok(());
-        }
-        let Some(&group) = groups
-            .iter()
-            .find(|g| !self.cooling(**g) && self.view.group(**g).is_some_and(|v| v.voters.contains(&idlest)))
-        else {
+        let Some(LeaderMove { group, from: busiest, to: idlest }) = leader_to_move(state, &led, |g, to| {
+            !self.cooling(g) && self.view.group(g).is_some_and(|v| v.voters.contains(&to))
+        }) else {
             return Ok(());
         };
         tracing::info!(%group, from = format!("{busiest:x}"), to = format!("{idlest:x}"), "spreading shard leaders");
@@ -290,5 +278,83 @@ async fn ask_to_join(transport: &Transport, member: &Hello, me: &Hello) {
         Ok(CallReply::Done) => tracing::info!(via = %member.addr, "asked to join the cluster"),
         Ok(other) => tracing::debug!(via = %member.addr, ?other, "join not accepted yet"),
         Err(e) => tracing::debug!(via = %member.addr, error = %e, "join request failed"),
+    }
+}
+
+/// A shard leadership to hand from one node to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderMove {
+    pub group: RaftGroupId,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// How shard leaders are spread next, given the shards each node leads (`led`, with every
+/// active member listed): one leadership from the node leading the most to the active
+/// node leading the fewest, when they differ by two or more, of a shard `movable` to it.
+/// `None` when the leaders are as even as moves can make them.
+pub fn leader_to_move(
+    state: &ClusterState,
+    led: &BTreeMap<NodeId, Vec<RaftGroupId>>,
+    movable: impl Fn(RaftGroupId, NodeId) -> bool,
+) -> Option<LeaderMove> {
+    let (&from, groups) = led.iter().max_by_key(|(_, g)| g.len())?;
+    let (&to, few) = led
+        .iter()
+        .filter(|(n, _)| state.members.get(n).is_some_and(|m| m.status == MemberStatus::Active))
+        .min_by_key(|(_, g)| g.len())?;
+    if groups.len() < few.len() + 2 {
+        return None;
+    }
+    let group = *groups.iter().find(|g| movable(**g, to))?;
+    Some(LeaderMove { group, from, to })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::NodeAddr;
+
+    fn cluster(n: u64) -> ClusterState {
+        let mut c = ClusterState::default();
+        let members = (1..=n).map(|i| (i, NodeAddr { name: format!("n{i}"), ..Default::default() })).collect();
+        c.apply(MetaCommand::Bootstrap { cluster_id: 1, shards: 8, replication_factor: 3, members }).unwrap();
+        c
+    }
+
+    fn led(spread: &[(NodeId, &[u16])]) -> BTreeMap<NodeId, Vec<RaftGroupId>> {
+        spread.iter().map(|(n, gs)| (*n, gs.iter().copied().map(RaftGroupId).collect())).collect()
+    }
+
+    #[test]
+    fn leaders_move_from_the_busiest_to_the_idlest_only_when_they_differ_by_two() {
+        let state = cluster(3);
+        let anywhere = |_: RaftGroupId, _: NodeId| true;
+        assert_eq!(leader_to_move(&state, &led(&[(1, &[0, 1, 2]), (2, &[3, 4, 5]), (3, &[6, 7])]), anywhere), None);
+        assert_eq!(
+            leader_to_move(&state, &led(&[(1, &[0, 1, 2, 3, 4]), (2, &[5, 6, 7]), (3, &[])]), anywhere),
+            Some(LeaderMove { group: RaftGroupId(0), from: 1, to: 3 })
+        );
+        // Only a shard the idlest node holds a replica of can move to it; none: as even as it gets.
+        let holds_only_7 = |g: RaftGroupId, _: NodeId| g == RaftGroupId(7);
+        let uneven = led(&[(1, &[0, 1, 2, 3, 4]), (2, &[5, 6, 7]), (3, &[])]);
+        assert_eq!(leader_to_move(&state, &uneven, holds_only_7), None, "n1 is the busiest and holds no movable shard");
+        let holds_only_1 = |g: RaftGroupId, _: NodeId| g == RaftGroupId(1);
+        assert_eq!(
+            leader_to_move(&state, &uneven, holds_only_1),
+            Some(LeaderMove { group: RaftGroupId(1), from: 1, to: 3 })
+        );
+    }
+
+    #[test]
+    fn a_draining_node_is_never_given_a_leadership() {
+        let mut state = cluster(4);
+        state.apply(MetaCommand::Drain { node: 4 }).unwrap();
+        let spread = led(&[(1, &[0, 1, 2, 3, 4]), (2, &[5, 6]), (3, &[7]), (4, &[])]);
+        assert_eq!(
+            leader_to_move(&state, &spread, |_, _| true),
+            Some(LeaderMove { group: RaftGroupId(0), from: 1, to: 3 }),
+            "the idlest active node gets it, not the draining one"
+        );
     }
 }
