@@ -273,6 +273,20 @@ mod tickets {
         Principal::from_claims(user, &["agent".into()], &[skill.into()], None).unwrap()
     }
 
+    /// What a node reports when `who` connects: their queues learn they are here.
+    async fn connected(rt: &LocalRuntime, who: &Principal) {
+        for (key, req) in presence(who, &rt.cfg) {
+            rt.request(key, req).await.unwrap();
+        }
+    }
+
+    /// What a node reports when `who`'s last connection goes.
+    async fn gone(rt: &LocalRuntime, who: &Principal) {
+        for (key, req) in absence(who) {
+            rt.request(key, req).await.unwrap();
+        }
+    }
+
     /// Lets background tasks run and delivers every outbox until nothing is left.
     async fn settle(rt: &LocalRuntime) {
         for _ in 0..20 {
@@ -331,9 +345,7 @@ mod tickets {
         .await
         .unwrap();
         for a in [agent("a-1", "fee"), agent("a-2", "fee"), agent("q-1", "quality")] {
-            for (key, req) in presence(&a, &rt.cfg) {
-                rt.request(key, req).await.unwrap();
-            }
+            connected(&rt, &a).await;
         }
         let opened = rt
             .call(&customer, "ticket.open", r#"{"ticket":"t-1","subject":"运费多收了，司机态度很差","group":"exc-1"}"#)
@@ -370,23 +382,15 @@ mod tickets {
     async fn tickets_of_an_agent_away_past_the_grace_period_go_back_to_the_queue() {
         let rt = desk_runtime();
         let (away, stays) = (agent("a-1", "fee"), agent("a-2", "fee"));
-        for (key, req) in presence(&away, &rt.cfg) {
-            rt.request(key, req).await.unwrap();
-        }
+        connected(&rt, &away).await;
         rt.call(&person("c-1", "customer"), "ticket.open", r#"{"ticket":"t-1","subject":"运费"}"#).await.unwrap();
         settle(&rt).await;
         assert_eq!(ticket(&rt, "t-1").assignee, Some(away.user.clone()));
-        for (key, req) in presence(&stays, &rt.cfg) {
-            rt.request(key, req).await.unwrap();
-        }
-        for (key, req) in absence(&away) {
-            rt.request(key, req).await.unwrap();
-        }
+        connected(&rt, &stays).await;
+        gone(&rt, &away).await;
         // The grace period passes; the queue's timer fires.
         rt.world.lock().unwrap().clock += rt.cfg.tickets.agent_grace_ms + 1;
-        for (key, req) in presence(&stays, &rt.cfg) {
-            rt.request(key, req).await.unwrap();
-        }
+        connected(&rt, &stays).await;
         let queue = EntityKey::SkillQueue(crate::ids::SkillGroup::parse("fee").unwrap());
         rt.request(queue, fire(Timer::Queue(crate::queue::QueueTimer::Grace))).await.unwrap();
         settle(&rt).await;
@@ -398,9 +402,7 @@ mod tickets {
     async fn a_rating_given_after_the_close_counts_in_the_desk_figures() {
         let rt = desk_runtime();
         let (fee, customer) = (agent("a-1", "fee"), person("c-1", "customer"));
-        for (key, req) in presence(&fee, &rt.cfg) {
-            rt.request(key, req).await.unwrap();
-        }
+        connected(&rt, &fee).await;
         rt.call(&customer, "ticket.open", r#"{"ticket":"t-1","subject":"运费"}"#).await.unwrap();
         settle(&rt).await;
         rt.call(&fee, "ticket.propose", r#"{"ticket":"t-1","solution":"refund"}"#).await.unwrap();

@@ -93,17 +93,18 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             let l = lag.entry(*n).or_default();
             *l = (*l).max(behind);
         }
+        let placed = if g.is_meta() { Vec::new() } else { state.replicas(g) };
         if !g.is_meta() && state.is_bootstrapped() {
             match leader {
                 Some(l) => shards_led.entry(l).or_default().push(g),
                 None => unsettled.push(format!("{g} has no leader")),
             }
-            let placed: std::collections::BTreeSet<NodeId> = state.replicas(g).into_iter().collect();
-            if placed != voters.iter().copied().collect() {
+            let as_set = |ns: &[NodeId]| ns.iter().copied().collect::<std::collections::BTreeSet<_>>();
+            if as_set(&placed) != as_set(&voters) {
                 unsettled.push(format!(
                     "{g} moves its replicas from {} to {}",
                     list(&names(&voters)),
-                    list(&names(&Vec::from_iter(placed)))
+                    list(&names(&placed))
                 ));
             }
             if !learners.is_empty() {
@@ -114,7 +115,7 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             group: g.to_string(),
             leader: leader.map(name),
             term,
-            placed: if g.is_meta() { vec![] } else { names(&state.replicas(g)) },
+            placed: names(&placed),
             voters: names(&voters),
             learners: names(&learners),
             applied,
