@@ -74,6 +74,11 @@ pub trait KvEngine: Send + Sync + 'static {
     ) -> Result<Vec<KeyValue>, StoreError>;
     /// Applies every op atomically with respect to crashes.
     fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+    /// Holds `batch`, visible to reads, until the next `apply` or `flush` takes it to disk
+    /// ahead of its own writes. `false`: this engine does not hold it; apply it instead.
+    fn stage(&self, _batch: &WriteBatch) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     fn size_on_disk(&self) -> Result<u64, StoreError>;

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod engine;
 pub mod keys;
 pub mod raft_log;
+pub mod staged;
 pub mod writer;
 
 use std::ops::Bound;
@@ -50,7 +51,8 @@ impl Store {
         cache_capacity_bytes: u64,
         limits: WriterLimits,
     ) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
-        let engine: Arc<dyn KvEngine> = Arc::new(engine::SledEngine::open(dir, cache_capacity_bytes)?);
+        let sled: Arc<dyn KvEngine> = Arc::new(engine::SledEngine::open(dir, cache_capacity_bytes)?);
+        let engine: Arc<dyn KvEngine> = Arc::new(staged::StagedEngine::new(sled, limits.max_batch_bytes));
         let (writer, handle) = StorageWriter::start(engine.clone(), limits);
         Ok((Store { engine, writer }, handle))
     }

@@ -23,7 +23,7 @@ const SLOW_CYCLE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// When a job's completion is signalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Applied to the engine: readers see it; a crash may lose it.
+    /// Readers see it (it may still be staged in memory); a crash may lose it.
     Visible,
     /// Flushed: it survives a crash.
     Durable,
@@ -185,9 +185,14 @@ impl StorageWriter {
     }
 }
 
-fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: &WriteBatch) -> Result<(), StoreError> {
+/// Applies `batch`; in a cycle that flushes nothing, the engine may stage it instead, to
+/// ride on the next flushing batch (`staged.rs` says why).
+fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: &WriteBatch, durable: bool) -> Result<(), StoreError> {
     if faults.fail.load(Ordering::Relaxed) {
         return Err(StoreError::Engine("injected storage failure".into()));
+    }
+    if !durable && engine.stage(batch)? {
+        return Ok(());
     }
     engine.apply(batch)
 }
@@ -243,7 +248,7 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
             jobs.push((job.durability, job.on_visible, job.done));
         }
         let cycle = Instant::now();
-        let mut applied = apply(&*engine, &faults, &batch);
+        let mut applied = apply(&*engine, &faults, &batch, durable);
         let mut ops = batch.len();
         // Jobs that queued while that batch was applied ride on the same flush: they would
         // wait for it anyway.
@@ -270,7 +275,7 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
                 break;
             }
             ops += more.len();
-            applied = apply(&*engine, &faults, &more);
+            applied = apply(&*engine, &faults, &more, durable);
         }
         let applied_in = cycle.elapsed();
         metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
@@ -338,12 +343,35 @@ mod tests {
 
     use super::*;
     use crate::store::engine::SledEngine;
+    use crate::store::staged::StagedEngine;
 
+    /// A writer over a staging engine, as a node has it; the engine reads as the node does.
     fn writer() -> (tempfile::TempDir, Arc<dyn KvEngine>, StorageWriter) {
-        let dir = tempfile::tempdir().unwrap();
-        let engine: Arc<dyn KvEngine> = Arc::new(SledEngine::open(dir.path(), 8 << 20).unwrap());
-        let (w, _) = StorageWriter::start(engine.clone(), WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 });
+        let (dir, _, engine, w) = writer_over_sled();
         (dir, engine, w)
+    }
+
+    fn writer_over_sled() -> (tempfile::TempDir, Arc<dyn KvEngine>, Arc<dyn KvEngine>, StorageWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn KvEngine> = Arc::new(SledEngine::open(dir.path(), 8 << 20).unwrap());
+        let engine: Arc<dyn KvEngine> = Arc::new(StagedEngine::new(sled.clone(), 1 << 20));
+        let (w, _) = StorageWriter::start(engine.clone(), WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 });
+        (dir, sled, engine, w)
+    }
+
+    #[tokio::test]
+    async fn visible_writes_wait_in_memory_for_the_next_durable_one() {
+        let (_dir, sled, engine, w) = writer_over_sled();
+        let mut b = WriteBatch::new();
+        b.put(b"state".to_vec(), b"1".to_vec());
+        w.write(b, Durability::Visible).await.unwrap();
+        assert_eq!(engine.get(b"state").unwrap(), Some(b"1".to_vec()), "readers see it at once");
+        assert_eq!(sled.get(b"state").unwrap(), None, "staged: no sled batch of its own");
+        let mut b = WriteBatch::new();
+        b.put(b"log".to_vec(), b"2".to_vec());
+        w.write(b, Durability::Durable).await.unwrap();
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()), "carried by the durable batch");
+        assert_eq!(sled.get(b"log").unwrap(), Some(b"2".to_vec()));
     }
 
     #[tokio::test]

@@ -1,0 +1,222 @@
+//! Writes that need only be visible wait in memory for the next write that must be durable.
+//!
+//! Why: every sled batch seals two of its log buffers, and each sealed buffer is written by
+//! sled's I/O thread pool, whose every job wakes all of its idle threads. A state machine
+//! apply (visible, never flushed on its own) cost as much as a Raft append. Staged, it costs
+//! a map insert, and reaches the engine inside the next flushing batch: before the flush
+//! that would have made it durable anyway, so nothing becomes less durable.
+//!
+//! Reads see staged rows over the engine's. Only the storage writer stages, applies and
+//! flushes; reads come from anywhere.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::StoreError;
+use super::engine::{KeyValue, KvEngine, Op, WriteBatch};
+
+/// The latest staged value of each key: `None` is a delete.
+#[derive(Default)]
+struct Staged {
+    rows: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+pub struct StagedEngine {
+    inner: Arc<dyn KvEngine>,
+    staged: RwLock<Staged>,
+    /// Staged bytes at most; a batch that would go over is applied, taking the rest along.
+    max_staged_bytes: usize,
+}
+
+impl StagedEngine {
+    pub fn new(inner: Arc<dyn KvEngine>, max_staged_bytes: usize) -> StagedEngine {
+        StagedEngine { inner, staged: RwLock::new(Staged::default()), max_staged_bytes }
+    }
+
+    /// Takes the staged rows to the engine, ahead of `batch`, in one atomic batch (two when
+    /// `batch` deletes a range: a range delete sees only what the engine already holds).
+    fn apply_with_staged(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let held = {
+            let staged = self.staged.read();
+            if staged.rows.is_empty() {
+                return self.inner.apply(batch);
+            }
+            let mut held = WriteBatch::new();
+            for (key, value) in &staged.rows {
+                match value {
+                    Some(value) => held.put(key.clone(), value.clone()),
+                    None => held.delete(key.clone()),
+                }
+            }
+            held
+        };
+        if batch.has_range_delete() {
+            self.inner.apply(&held)?;
+            self.clear();
+            return self.inner.apply(batch);
+        }
+        let mut all = held;
+        all.extend(batch.clone());
+        self.inner.apply(&all)?;
+        // Cleared only now: until the engine holds them, readers find them here.
+        self.clear();
+        Ok(())
+    }
+
+    fn clear(&self) {
+        *self.staged.write() = Staged::default();
+        metrics::gauge!("convoy_storage_staged_bytes").set(0.0);
+    }
+}
+
+impl KvEngine for StagedEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.staged.read().rows.get(key) {
+            return Ok(value.clone());
+        }
+        self.inner.get(key)
+    }
+
+    fn range(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        // Copied, not held: a long read must not hold up the writer. Staged rows reach the
+        // engine with the same values, so a copy taken before they are cleared stays right.
+        let staged: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            self.staged.read().rows.range::<[u8], _>((start, end)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if staged.is_empty() {
+            return self.inner.range(start, end, reverse, limit);
+        }
+        // Each staged delete may hide one engine row: read that many more. Past the last
+        // engine row read, engine rows may be missing, but at least `limit` rows come before
+        // it, so the first `limit` of the merge are exact.
+        let rows = self.inner.range(start, end, reverse, limit.saturating_add(staged.len()))?;
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+        for (key, value) in staged {
+            match value {
+                Some(value) => merged.insert(key, value),
+                None => merged.remove(&key),
+            };
+        }
+        Ok(if reverse {
+            merged.into_iter().rev().take(limit).collect()
+        } else {
+            merged.into_iter().take(limit).collect()
+        })
+    }
+
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        self.apply_with_staged(batch)
+    }
+
+    fn stage(&self, batch: &WriteBatch) -> Result<bool, StoreError> {
+        if batch.has_range_delete() {
+            return Ok(false);
+        }
+        let mut staged = self.staged.write();
+        if staged.bytes + batch.bytes() > self.max_staged_bytes {
+            return Ok(false);
+        }
+        for op in batch.ops() {
+            match op {
+                Op::Put(key, value) => staged.rows.insert(key.clone(), Some(value.clone())),
+                Op::Delete(key) => staged.rows.insert(key.clone(), None),
+                Op::DeleteRange(..) => unreachable!("checked above"),
+            };
+        }
+        staged.bytes += batch.bytes();
+        metrics::gauge!("convoy_storage_staged_bytes").set(staged.bytes as f64);
+        Ok(true)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.apply_with_staged(&WriteBatch::new())?;
+        self.inner.flush()
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.size_on_disk()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::engine::SledEngine;
+
+    fn engine() -> (tempfile::TempDir, Arc<dyn KvEngine>, StagedEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn KvEngine> = Arc::new(SledEngine::open(dir.path(), 8 << 20).unwrap());
+        let staged = StagedEngine::new(sled.clone(), 1 << 10);
+        (dir, sled, staged)
+    }
+
+    fn batch(ops: &[(&str, Option<&str>)]) -> WriteBatch {
+        let mut b = WriteBatch::new();
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.put(k.as_bytes().to_vec(), v.as_bytes().to_vec()),
+                None => b.delete(k.as_bytes().to_vec()),
+            }
+        }
+        b
+    }
+
+    fn keys(rows: Vec<KeyValue>) -> Vec<String> {
+        rows.into_iter()
+            .map(|(k, v)| format!("{}={}", String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn staged_rows_are_read_over_the_engine_and_reach_it_with_the_next_apply() {
+        let (_dir, sled, staged) = engine();
+        staged.apply(&batch(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1"))])).unwrap();
+        assert!(staged.stage(&batch(&[("b", None), ("c", Some("2")), ("e", Some("2"))])).unwrap());
+        assert_eq!(staged.get(b"b").unwrap(), None);
+        assert_eq!(staged.get(b"c").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(sled.get(b"c").unwrap(), Some(b"1".to_vec()), "not in the engine before the next apply");
+        let all = |reverse, limit| keys(staged.range(Bound::Unbounded, Bound::Unbounded, reverse, limit).unwrap());
+        assert_eq!(all(false, usize::MAX), ["a=1", "c=2", "d=1", "e=2"]);
+        assert_eq!(all(false, 2), ["a=1", "c=2"]);
+        assert_eq!(all(true, 3), ["e=2", "d=1", "c=2"]);
+        let from_b = staged.range(Bound::Included(b"b"), Bound::Excluded(b"e"), false, 10).unwrap();
+        assert_eq!(keys(from_b), ["c=2", "d=1"]);
+
+        staged.apply(&batch(&[("f", Some("3"))])).unwrap();
+        let on_disk = keys(sled.range(Bound::Unbounded, Bound::Unbounded, false, usize::MAX).unwrap());
+        assert_eq!(on_disk, ["a=1", "c=2", "d=1", "e=2", "f=3"]);
+        assert!(staged.staged.read().rows.is_empty());
+    }
+
+    #[test]
+    fn a_range_delete_sees_the_staged_rows_and_is_never_staged() {
+        let (_dir, sled, staged) = engine();
+        assert!(staged.stage(&batch(&[("k1", Some("1")), ("k2", Some("1")), ("z", Some("1"))])).unwrap());
+        let mut wipe = WriteBatch::new();
+        wipe.delete_range(b"k".to_vec(), b"l".to_vec());
+        assert!(!staged.stage(&wipe).unwrap());
+        staged.apply(&wipe).unwrap();
+        let left = keys(sled.range(Bound::Unbounded, Bound::Unbounded, false, usize::MAX).unwrap());
+        assert_eq!(left, ["z=1"], "staged rows in the range are deleted with it");
+    }
+
+    #[test]
+    fn staging_is_bounded_and_flush_takes_the_staged_rows_to_disk() {
+        let (_dir, sled, staged) = engine();
+        let big = "x".repeat(600);
+        assert!(staged.stage(&batch(&[("a", Some(&big))])).unwrap());
+        assert!(!staged.stage(&batch(&[("b", Some(&big))])).unwrap(), "over the 1 KiB limit: apply it instead");
+        staged.flush().unwrap();
+        assert_eq!(sled.get(b"a").unwrap(), Some(big.into_bytes()));
+        assert!(staged.staged.read().rows.is_empty());
+    }
+}
