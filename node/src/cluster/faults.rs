@@ -5,9 +5,10 @@
 //! A drop is seen from this node only: calls and casts to the peer fail at once as if it
 //! were unreachable, and whatever it sends (its answers, requests and heartbeats) is
 //! ignored, so the failure detector here marks it down and the peer's marks this node down
-//! in turn. A delay holds every outbound message to the peer for that long before it is
-//! sent (a call still goes out when its caller stopped waiting meanwhile, as on a slow
-//! network); what the peer sends is not delayed.
+//! in turn. A delay holds every outbound message to the peer (requests, answers to its
+//! requests, pushes) for that long before it is sent, in order (a call still goes out when
+//! its caller stopped waiting meanwhile, as on a slow network); what the peer sends is not
+//! delayed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

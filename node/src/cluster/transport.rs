@@ -1,15 +1,20 @@
 //! Node-to-node transport on ractor_cluster.
 //!
 //! Each node runs one `NodeServer` and one remote-capable actor, its endpoint, which peers
-//! find in the process group `convoy.peer:<node id>`. Everything travels as bytes in
-//! `Call` (request/reply) or `Cast` (one-way) messages; `wire.rs` says what the bytes hold.
+//! find in the process group `convoy.peer:<node id>`. Everything travels as bytes;
+//! `wire.rs` says what the bytes hold.
+//!
+//! Each peer has an outbox: a task that sends what queued for the peer as one ractor
+//! message, a `Batch` of frames (requests, answers, one-way messages). Every ractor_cluster
+//! message passes about eight tasks on each side, so under load a batch of many frames costs
+//! little more than one. Requests and answers are matched by id here, not by ractor's reply
+//! ports; only the greeting, before a peer has an outbox, is a ractor call.
 //!
 //! ractor_cluster has no failure detector, no timeouts and no reconnect, so this module
 //! adds them (`peers.rs` does the dialing and heartbeats):
 //! - the ractor node name is `<node id>.<boot nonce>`: a restarted node never collides with
 //!   a session its peers still hold to its previous run;
-//! - every call has a timeout, and a reply lost because the session died is told apart
-//!   from a slow one by the time it took;
+//! - every call has a timeout, and the calls waiting on a session that closes fail at once;
 //! - a peer that stays silent longer than `cluster.failure_timeout` has its session closed
 //!   by us, and is dialed again with backoff.
 //!
@@ -18,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -31,12 +36,13 @@ use ractor_cluster::{
     IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage,
     RactorClusterMessage,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
 use super::faults::PeerFaults;
 use super::tls::{ClusterTls, server_name};
-use super::wire::{Call, CallReply, Cast, Envelope, Hello, MAX_MESSAGE_BYTES};
+use super::wire::{Batch, Call, CallReply, Cast, Envelope, Frame, FrameRef, Hello, MAX_MESSAGE_BYTES};
 use crate::shard::NodeId;
 use crate::store::codec;
 use crate::telemetry::trace;
@@ -67,6 +73,8 @@ pub enum TransportError {
     SessionLost(NodeId),
     #[error("node {0:x} has {1} requests in flight from us, the limit")]
     Busy(NodeId, usize),
+    #[error("{1} messages to node {0:x} are already queued, the limit")]
+    Backlog(NodeId, usize),
     #[error("message of {0} bytes is over the {MAX_MESSAGE_BYTES} byte limit")]
     TooLarge(usize),
     #[error("node {0:x} answered something unreadable: {1}")]
@@ -88,7 +96,8 @@ pub trait Inbound: Send + Sync + 'static {
 
 #[derive(RactorClusterMessage)]
 pub enum EndpointMsg {
-    Cast(Vec<u8>),
+    /// A `Batch` of frames.
+    Frames(Vec<u8>),
     #[rpc]
     Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
@@ -98,16 +107,35 @@ pub enum EndpointMsg {
 pub(super) struct Link {
     pub hello: Hello,
     pub session: ActorRef<NodeSessionMessage>,
-    pub endpoint: ActorRef<EndpointMsg>,
     /// Milliseconds since the transport started, when the peer was last heard from.
     pub last_heard: Arc<AtomicU64>,
     pub in_flight: Arc<Semaphore>,
+    /// What the peer's outbox task is to send, in order.
+    pub outbox: mpsc::Sender<Outgoing>,
+}
+
+/// An encoded frame for a peer, and when it may go (later under an injected delay).
+pub(super) struct Outgoing {
+    due: Option<tokio::time::Instant>,
+    frame: Vec<u8>,
+}
+
+/// A call waiting for its answer.
+struct PendingCall {
+    node: NodeId,
+    /// The session the call went out on: if it closes, the answer cannot come.
+    session: ractor::ActorId,
+    answer: oneshot::Sender<CallReply>,
 }
 
 /// Calls in flight to one peer at most.
 const MAX_IN_FLIGHT_PER_PEER: usize = 4096;
 /// Calls from peers being handled at once, over all peers.
 const MAX_INBOUND_CALLS: usize = 8192;
+/// Frames queued for one peer at most.
+const OUTBOX_FRAMES: usize = 16_384;
+/// A batch takes no more frames once this large (one frame may be larger).
+const BATCH_BYTES: usize = 1 << 20;
 
 pub struct Transport {
     pub(super) me: NodeId,
@@ -120,21 +148,26 @@ pub struct Transport {
     inbound_slots: Arc<Semaphore>,
     tls: Option<ClusterTls>,
     faults: Arc<PeerFaults>,
-    /// Casts held back by an injected delay, in order, per peer.
-    delayed_casts: parking_lot::Mutex<HashMap<NodeId, DelayLine>>,
-    /// Casts held back over all peers: while there are any, casts to a peer with some still
-    /// queued queue behind them, so that a heal never reorders them.
-    casts_held: Arc<AtomicUsize>,
-    runtime: tokio::runtime::Handle,
+    /// Calls waiting for their answers, by id (at most `MAX_IN_FLIGHT_PER_PEER` per peer).
+    calls: parking_lot::Mutex<HashMap<u64, PendingCall>>,
+    next_call: AtomicU64,
 }
 
-/// A delayed cast: when it is due, where it goes, what it carries.
-type HeldCast = (tokio::time::Instant, ActorRef<EndpointMsg>, Vec<u8>);
+/// Where the answer to a peer's call goes.
+enum Answer {
+    /// A ractor call (the greeting).
+    Port(RpcReplyPort<Vec<u8>>),
+    /// A framed call: an answer frame with its id.
+    Frame(u64),
+}
 
-/// The queue of delayed casts to one peer, sent in order by a task of its own.
-struct DelayLine {
-    tx: mpsc::UnboundedSender<HeldCast>,
-    held: Arc<AtomicUsize>,
+/// Forgets a call when its caller stops waiting.
+struct ForgetCall<'a>(&'a parking_lot::Mutex<HashMap<u64, PendingCall>>, u64);
+
+impl Drop for ForgetCall<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
 }
 
 impl Transport {
@@ -179,9 +212,8 @@ impl Transport {
             inbound_slots: Arc::new(Semaphore::new(MAX_INBOUND_CALLS)),
             tls,
             faults,
-            delayed_casts: parking_lot::Mutex::new(HashMap::new()),
-            casts_held: Arc::new(AtomicUsize::new(0)),
-            runtime: tokio::runtime::Handle::current(),
+            calls: parking_lot::Mutex::new(HashMap::new()),
+            next_call: AtomicU64::new(1),
         });
         Actor::spawn(None, Endpoint, transport.clone()).await.map_err(|e| format!("starting the endpoint: {e}"))?;
         Ok(transport)
@@ -258,144 +290,124 @@ impl Transport {
     /// Sends `call` to `node` and waits at most `timeout` for its answer.
     pub async fn call(&self, node: NodeId, call: &Call, timeout: Duration) -> Result<CallReply, TransportError> {
         let started = Instant::now();
-        let fault = self.faults.get(node);
-        if fault.is_some_and(|f| f.dropped) {
-            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
-            return Err(TransportError::NotConnected(node));
-        }
-        let link = self.links.read().get(&node).cloned().ok_or(TransportError::NotConnected(node))?;
-        let slot = link
-            .in_flight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
-        let bytes = self.encode(call, trace::traceparent())?;
-        let result = match fault.and_then(|f| f.delay) {
-            None => {
-                let result = link
-                    .endpoint
-                    .call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from(timeout)))
-                    .await;
-                drop(slot);
-                result.ok()
-            }
-            Some(delay) => self.call_delayed(node, link.endpoint, bytes, delay, timeout, slot).await?,
-        };
+        let link = self.link_to(node)?;
+        let _slot = link.in_flight.try_acquire().map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode(&FrameRef::Call { id, call }, trace::traceparent())?;
+        let (answer, answered) = oneshot::channel();
+        self.calls.lock().insert(id, PendingCall { node, session: link.session.get_id(), answer });
+        let _forget = ForgetCall(&self.calls, id);
+        self.send(node, &link.outbox, frame)?;
+        let answer = tokio::time::timeout(timeout, answered).await;
         metrics::histogram!("convoy_peer_call_seconds", "kind" => call.kind()).record(started.elapsed().as_secs_f64());
-        let reply = match result {
-            Some(CallResult::Success(bytes)) => bytes,
-            Some(CallResult::Timeout) => return Err(TransportError::Timeout(node, timeout)),
-            // A remote reply port can report its own timer running out as a sender error:
-            // tell the two apart by how long the call took.
-            Some(CallResult::SenderError) if started.elapsed() >= timeout => {
-                return Err(TransportError::Timeout(node, timeout));
-            }
-            Some(CallResult::SenderError) | None => return Err(TransportError::SessionLost(node)),
+        let reply = match answer {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => return Err(TransportError::SessionLost(node)),
+            Err(_) => return Err(TransportError::Timeout(node, timeout)),
         };
         if self.faults.is_dropped(node) {
             // Traffic with the peer was dropped while the call was out: its answer is ignored.
             metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
             return Err(TransportError::NotConnected(node));
         }
-        self.heard_from(node);
-        let envelope: Envelope<CallReply> =
-            codec::decode("peer reply", &reply).map_err(|e| TransportError::Garbled(node, e.to_string()))?;
-        Ok(envelope.body)
-    }
-
-    /// A call held back by an injected delay, as a slow network holds it: it reaches the peer
-    /// `delay` later even when the caller's `timeout` runs out first (a heartbeat still counts),
-    /// and the answer comes back only if it is in time. `None` when the session failed.
-    async fn call_delayed(
-        &self,
-        node: NodeId,
-        endpoint: ActorRef<EndpointMsg>,
-        bytes: Vec<u8>,
-        delay: Duration,
-        timeout: Duration,
-        slot: OwnedSemaphorePermit,
-    ) -> Result<Option<CallResult<Vec<u8>>>, TransportError> {
-        let (tx, rx) = oneshot::channel();
-        let faults = self.faults.clone();
-        self.runtime.spawn(async move {
-            let _slot = slot;
-            tokio::time::sleep(delay).await;
-            if faults.is_dropped(node) {
-                metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
-                return;
-            }
-            let wait = timeout.checked_sub(delay).filter(|w| !w.is_zero()).unwrap_or(timeout);
-            let result = endpoint.call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from(wait))).await;
-            let _ = tx.send(result.ok());
-        });
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => Ok(result),
-            // Traffic with the peer was dropped before the call went out.
-            Ok(Err(_)) => Err(TransportError::NotConnected(node)),
-            Err(_) => Err(TransportError::Timeout(node, timeout)),
-        }
+        Ok(reply)
     }
 
     /// Sends `cast` to `node` without waiting. Best effort.
     pub fn cast(&self, node: NodeId, cast: &Cast) -> Result<(), TransportError> {
-        let fault = self.faults.get(node);
-        if fault.is_some_and(|f| f.dropped) {
+        let link = self.link_to(node)?;
+        let frame = self.encode(&FrameRef::Cast(cast), trace::traceparent())?;
+        self.send(node, &link.outbox, frame)
+    }
+
+    /// The link to `node`, unless traffic with it is dropped (fault injection).
+    fn link_to(&self, node: NodeId) -> Result<Link, TransportError> {
+        if self.faults.is_dropped(node) {
             metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
             return Err(TransportError::NotConnected(node));
         }
-        let endpoint =
-            self.links.read().get(&node).map(|l| l.endpoint.clone()).ok_or(TransportError::NotConnected(node))?;
-        let bytes = self.encode(cast, trace::traceparent())?;
-        let delay = fault.and_then(|f| f.delay);
-        if delay.is_some() || self.casts_held.load(Ordering::Acquire) > 0 {
-            return self.cast_later(node, endpoint, bytes, delay.unwrap_or_default());
-        }
-        endpoint.cast(EndpointMsg::Cast(bytes)).map_err(|_| TransportError::SessionLost(node))
+        self.links.read().get(&node).cloned().ok_or(TransportError::NotConnected(node))
     }
 
-    /// Sends a cast after `delay`, behind the casts to `node` already held back.
-    fn cast_later(
-        &self,
-        node: NodeId,
-        endpoint: ActorRef<EndpointMsg>,
-        bytes: Vec<u8>,
-        delay: Duration,
-    ) -> Result<(), TransportError> {
-        let mut lines = self.delayed_casts.lock();
-        let queued = lines.get(&node).is_some_and(|l| l.held.load(Ordering::Acquire) > 0);
-        if delay.is_zero() && !queued {
-            drop(lines);
-            return endpoint.cast(EndpointMsg::Cast(bytes)).map_err(|_| TransportError::SessionLost(node));
-        }
-        let line = lines.entry(node).or_insert_with(|| self.delay_line(node));
-        line.held.fetch_add(1, Ordering::AcqRel);
-        self.casts_held.fetch_add(1, Ordering::AcqRel);
-        if line.tx.send((tokio::time::Instant::now() + delay, endpoint, bytes)).is_err() {
-            line.held.fetch_sub(1, Ordering::AcqRel);
-            self.casts_held.fetch_sub(1, Ordering::AcqRel);
-            return Err(TransportError::SessionLost(node));
-        }
-        Ok(())
+    /// Queues `frame` in the outbox of `node`, held back by the injected delay if there is one.
+    fn send(&self, node: NodeId, outbox: &mpsc::Sender<Outgoing>, frame: Vec<u8>) -> Result<(), TransportError> {
+        let due = self.faults.get(node).and_then(|f| f.delay).map(|delay| tokio::time::Instant::now() + delay);
+        outbox.try_send(Outgoing { due, frame }).map_err(|e| match e {
+            TrySendError::Full(_) => TransportError::Backlog(node, OUTBOX_FRAMES),
+            TrySendError::Closed(_) => TransportError::SessionLost(node),
+        })
     }
 
-    /// Starts the task that sends the delayed casts to `node`, each when it is due.
-    fn delay_line(&self, node: NodeId) -> DelayLine {
-        let (tx, mut rx) = mpsc::unbounded_channel::<HeldCast>();
-        let held = Arc::new(AtomicUsize::new(0));
-        let (line_held, all_held, faults) = (held.clone(), self.casts_held.clone(), self.faults.clone());
-        self.runtime.spawn(async move {
-            while let Some((due, endpoint, bytes)) = rx.recv().await {
-                tokio::time::sleep_until(due).await;
-                if faults.is_dropped(node) {
-                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
-                } else {
-                    let _ = endpoint.cast(EndpointMsg::Cast(bytes));
-                }
-                line_held.fetch_sub(1, Ordering::AcqRel);
-                all_held.fetch_sub(1, Ordering::AcqRel);
+    /// Sends the answer to a call from `to`.
+    fn answer(&self, to: NodeId, answer: Answer, body: CallReply) {
+        let id = match answer {
+            Answer::Port(port) => {
+                let _ = port.send(codec::encode(&Envelope { from: self.me, traceparent: None, body }));
+                return;
             }
+            Answer::Frame(id) => id,
+        };
+        let sent = self.link_to(to).and_then(|link| {
+            let frame = match self.encode(&FrameRef::Reply { id, reply: &body }, None) {
+                Err(TransportError::TooLarge(n)) => {
+                    let failed = CallReply::Failed(format!("the answer of {n} bytes is over the message limit"));
+                    self.encode(&FrameRef::Reply { id, reply: &failed }, None)?
+                }
+                other => other?,
+            };
+            self.send(to, &link.outbox, frame)
         });
-        DelayLine { tx, held }
+        if let Err(e) = sent {
+            metrics::counter!("convoy_peer_answers_lost_total").increment(1);
+            tracing::debug!(peer = %format_args!("{to:x}"), error = %e, "an answer to a peer could not be sent; it times out");
+        }
+    }
+
+    /// Hands an answer to the call waiting for it; a late one, or one from a node the call
+    /// did not go to, is dropped.
+    fn complete(&self, from: NodeId, id: u64, reply: CallReply) {
+        let mut calls = self.calls.lock();
+        if calls.get(&id).is_some_and(|c| c.node == from) {
+            let call = calls.remove(&id).expect("just found");
+            drop(calls);
+            let _ = call.answer.send(reply);
+        }
+    }
+
+    /// The calls that went out on `session` fail now: their answers cannot come.
+    fn forget_calls(&self, session: ractor::ActorId) {
+        self.calls.lock().retain(|_, c| c.session != session);
+    }
+
+    /// Handles a call from a peer in a task of its own, so a slow one never holds up the
+    /// next, and sends the answer back.
+    fn serve(
+        self: &Arc<Self>,
+        inbound: &Arc<dyn Inbound>,
+        from: NodeId,
+        traceparent: Option<&str>,
+        call: Call,
+        answer: Answer,
+    ) {
+        let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
+            let busy = CallReply::Failed("this node is handling too many peer requests".into());
+            self.answer(from, answer, busy);
+            return;
+        };
+        let span = trace::continued(
+            traceparent,
+            || tracing::info_span!(target: trace::TARGET, "serve", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
+        );
+        let kind = call.kind();
+        let handled = inbound.call(from, call).instrument(span);
+        let transport = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let body = handled.await;
+            metrics::histogram!("convoy_peer_serve_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+            drop(slot);
+            transport.answer(from, answer, body);
+        });
     }
 
     /// Greets the peer at the other end of a ready session and, if it answers, makes it a
@@ -440,12 +452,14 @@ impl Transport {
         if hello.node != node {
             return Err(format!("node {node:x} introduced itself as {:x}", hello.node));
         }
+        let (outbox, queued) = mpsc::channel(OUTBOX_FRAMES);
+        tokio::spawn(send_outbox(node, endpoint, queued, self.faults.clone()));
         let link = Link {
             hello: hello.clone(),
             session: session.actor.clone(),
-            endpoint,
             last_heard: Arc::new(AtomicU64::new(self.millis())),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)),
+            outbox,
         };
         let replaced = {
             let mut links = self.links.write();
@@ -457,6 +471,7 @@ impl Transport {
             && old.session.get_id() != session.actor.get_id()
         {
             old.session.stop(Some("superseded by a newer session".into()));
+            self.forget_calls(old.session.get_id());
         }
         tracing::info!(peer = %hello.addr, "peer up");
         metrics::counter!("convoy_peers_up_total").increment(1);
@@ -474,6 +489,7 @@ impl Transport {
         let link = links.remove(&node).expect("just found");
         metrics::gauge!("convoy_peers_connected").set(links.len() as f64);
         drop(links);
+        self.forget_calls(link.session.get_id());
         tracing::warn!(peer = %link.hello.addr, "peer down: session closed");
         metrics::counter!("convoy_peers_down_total").increment(1);
         let _ = self.events.send(PeerEvent::Down(node));
@@ -490,6 +506,7 @@ impl Transport {
         if let Some(link) = link {
             tracing::warn!(peer = %link.hello.addr, reason, "closing the session to a peer");
             link.session.stop(Some(reason.to_string()));
+            self.forget_calls(link.session.get_id());
             metrics::counter!("convoy_peers_down_total").increment(1);
             let _ = self.events.send(PeerEvent::Down(node));
         }
@@ -546,70 +563,103 @@ impl Actor for Endpoint {
     ) -> Result<(), ActorProcessingErr> {
         let Some(inbound) = t.inbound.get().cloned() else { return Ok(()) };
         match msg {
-            EndpointMsg::Cast(bytes) => match codec::decode::<Envelope<Cast>>("peer message", &bytes) {
-                Ok(env) if t.faults.is_dropped(env.from) => {
-                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
-                }
-                Ok(env) => {
+            EndpointMsg::Frames(bytes) => {
+                for frame in Batch::frames_of(&bytes) {
+                    let env = match frame
+                        .and_then(|f| codec::decode::<Envelope<Frame>>("peer message", f).map_err(|e| e.to_string()))
+                    {
+                        Ok(env) => env,
+                        Err(e) => {
+                            metrics::counter!("convoy_peer_garbage_total").increment(1);
+                            tracing::warn!(error = %e, "a peer sent an unreadable message; dropped");
+                            continue;
+                        }
+                    };
+                    if t.faults.is_dropped(env.from) {
+                        // As if it never arrived: no answer, and the peer is not heard from.
+                        metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+                        continue;
+                    }
                     t.heard_from(env.from);
                     let from = env.from;
-                    let span = trace::continued(
-                        env.traceparent.as_deref(),
-                        || tracing::info_span!(target: trace::TARGET, "deliver", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
-                    );
-                    span.in_scope(|| inbound.cast(env.from, env.body));
+                    match env.body {
+                        Frame::Cast(cast) => {
+                            let span = trace::continued(
+                                env.traceparent.as_deref(),
+                                || tracing::info_span!(target: trace::TARGET, "deliver", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
+                            );
+                            span.in_scope(|| inbound.cast(from, cast));
+                        }
+                        Frame::Call { id, call } => {
+                            t.serve(&inbound, from, env.traceparent.as_deref(), call, Answer::Frame(id))
+                        }
+                        Frame::Reply { id, reply } => t.complete(from, id, reply),
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!("convoy_peer_garbage_total").increment(1);
-                    tracing::warn!(error = %e, "a peer sent an unreadable message; dropped");
-                }
-            },
+            }
             EndpointMsg::Call(bytes, reply) => {
                 let env = match codec::decode::<Envelope<Call>>("peer request", &bytes) {
                     Ok(env) => env,
                     Err(e) => {
                         metrics::counter!("convoy_peer_garbage_total").increment(1);
                         tracing::warn!(error = %e, "a peer sent an unreadable request");
-                        let answer = codec::encode(&Envelope {
-                            from: t.me,
-                            traceparent: None,
-                            body: CallReply::Failed(format!("unreadable request: {e}")),
-                        });
-                        let _ = reply.send(answer);
+                        t.answer(0, Answer::Port(reply), CallReply::Failed(format!("unreadable request: {e}")));
                         return Ok(());
                     }
                 };
                 if t.faults.is_dropped(env.from) {
-                    // As if it never arrived: no answer, and the peer is not heard from.
                     metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
                     drop(reply);
                     return Ok(());
                 }
                 t.heard_from(env.from);
-                let Ok(slot) = t.inbound_slots.clone().try_acquire_owned() else {
-                    let busy = CallReply::Failed("this node is handling too many peer requests".into());
-                    let _ = reply.send(codec::encode(&Envelope { from: t.me, traceparent: None, body: busy }));
-                    return Ok(());
-                };
-                let me = t.me;
-                let from = env.from;
-                let span = trace::continued(
-                    env.traceparent.as_deref(),
-                    || tracing::info_span!(target: trace::TARGET, "serve", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
-                );
-                let kind = env.body.kind();
-                let answer = inbound.call(env.from, env.body).instrument(span);
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let body = answer.await;
-                    metrics::histogram!("convoy_peer_serve_seconds", "kind" => kind)
-                        .record(started.elapsed().as_secs_f64());
-                    drop(slot);
-                    let _ = reply.send(codec::encode(&Envelope { from: me, traceparent: None, body }));
-                });
+                t.serve(&inbound, env.from, env.traceparent.as_deref(), env.body, Answer::Port(reply));
             }
         }
         Ok(())
+    }
+}
+
+/// Sends what queues for `node` in batches, in order, each frame no earlier than it is due.
+/// Ends when the link is gone (every sender dropped) or the session no longer takes messages.
+async fn send_outbox(
+    node: NodeId,
+    endpoint: ActorRef<EndpointMsg>,
+    mut queued: mpsc::Receiver<Outgoing>,
+    faults: Arc<PeerFaults>,
+) {
+    let mut next: Option<Outgoing> = None;
+    loop {
+        let first = match next.take() {
+            Some(first) => first,
+            None => match queued.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        if let Some(due) = first.due {
+            tokio::time::sleep_until(due).await;
+        }
+        let mut batch = Batch::default();
+        batch.push(&first.frame);
+        while batch.bytes() < BATCH_BYTES {
+            let Ok(more) = queued.try_recv() else { break };
+            let early = more.due.is_some_and(|due| due > tokio::time::Instant::now());
+            if early || batch.bytes() + more.frame.len() > MAX_MESSAGE_BYTES {
+                next = Some(more);
+                break;
+            }
+            batch.push(&more.frame);
+        }
+        if faults.is_dropped(node) {
+            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out")
+                .increment(batch.frames() as u64);
+            continue;
+        }
+        metrics::histogram!("convoy_peer_batch_frames").record(batch.frames() as f64);
+        if endpoint.cast(EndpointMsg::Frames(batch.into_bytes())).is_err() {
+            return;
+        }
     }
 }
 

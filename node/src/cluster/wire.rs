@@ -2,6 +2,9 @@
 //! codec (a version byte, then bincode), carried as bytes by the transport: ractor only
 //! sees `Vec<u8>`, so a peer running another version fails to decode instead of
 //! misreading, and decoding never panics.
+//!
+//! Messages to a peer travel in batches (`Batch`): requests, their answers and one-way
+//! messages as `Frame`s, each encoded on its own, requests and answers matched by id.
 
 use convoy_actors::behavior::Request;
 use convoy_actors::domain::{Command, Query, Reply};
@@ -145,6 +148,73 @@ pub enum CallReply {
     Failed(String),
 }
 
+/// One message in a batch.
+#[derive(Debug, Deserialize)]
+pub enum Frame {
+    Call { id: u64, call: Call },
+    Reply { id: u64, reply: CallReply },
+    Cast(Cast),
+}
+
+/// A `Frame` as it is sent, borrowing what it carries; it encodes exactly as `Frame` decodes.
+#[derive(Debug, Serialize)]
+pub enum FrameRef<'a> {
+    Call { id: u64, call: &'a Call },
+    Reply { id: u64, reply: &'a CallReply },
+    Cast(&'a Cast),
+}
+
+/// Frames sent to a peer as one transport message: each is its length (u32, little
+/// endian), then its encoded envelope.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    frames: usize,
+}
+
+impl Batch {
+    pub fn push(&mut self, frame: &[u8]) {
+        let len = u32::try_from(frame.len()).expect("frames are limited to MAX_MESSAGE_BYTES");
+        self.bytes.extend_from_slice(&len.to_le_bytes());
+        self.bytes.extend_from_slice(frame);
+        self.frames += 1;
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// The frames of a received batch, in order; an error, and nothing after it, where a
+    /// length runs past the end.
+    pub fn frames_of(bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+        let mut rest = bytes;
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            let taken = std::mem::take(&mut rest);
+            let Some((len, tail)) = taken.split_first_chunk::<4>() else {
+                return Some(Err(format!("a frame length cut short ({} bytes)", taken.len())));
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            if tail.len() < len {
+                return Some(Err(format!("a frame of {len} bytes with only {} left", tail.len())));
+            }
+            let (frame, after) = tail.split_at(len);
+            rest = after;
+            Some(Ok(frame))
+        })
+    }
+}
+
 /// One-way messages.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Cast {
@@ -158,4 +228,47 @@ pub enum PresenceUpdate {
     Full(Vec<UserId>),
     /// Changes since the last update, in order.
     Delta { connected: Vec<UserId>, disconnected: Vec<UserId> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::codec;
+
+    #[test]
+    fn frames_sent_borrowed_decode_as_frames() {
+        let cast = Cast::Push { users: vec![UserId::parse("u1").unwrap()], frame: "{}".into(), committed_at: None };
+        let call = Call::Presence(PresenceUpdate::Full(vec![UserId::parse("u2").unwrap()]));
+        let reply = CallReply::NotHere { leader: Some(3), reason: "moved".into() };
+        let sent =
+            [FrameRef::Call { id: 7, call: &call }, FrameRef::Reply { id: 8, reply: &reply }, FrameRef::Cast(&cast)];
+        let mut batch = Batch::default();
+        for frame in &sent {
+            batch.push(&codec::encode(&Envelope { from: 1, traceparent: None, body: frame }));
+        }
+        assert_eq!(batch.frames(), 3);
+        let got: Vec<Frame> = Batch::frames_of(&batch.into_bytes())
+            .map(|f| codec::decode::<Envelope<Frame>>("frame", f.unwrap()).unwrap().body)
+            .collect();
+        assert!(
+            matches!(&got[0], Frame::Call { id: 7, call: Call::Presence(PresenceUpdate::Full(u)) } if u.len() == 1)
+        );
+        assert!(matches!(&got[1], Frame::Reply { id: 8, reply: CallReply::NotHere { leader: Some(3), .. } }));
+        assert!(matches!(&got[2], Frame::Cast(Cast::Push { users, .. }) if users.len() == 1));
+    }
+
+    #[test]
+    fn a_torn_batch_yields_its_whole_frames_then_one_error() {
+        let mut batch = Batch::default();
+        batch.push(b"abc");
+        batch.push(b"defgh");
+        let mut bytes = batch.into_bytes();
+        bytes.truncate(bytes.len() - 2);
+        let frames: Vec<_> = Batch::frames_of(&bytes).collect();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], Ok(&b"abc"[..]));
+        assert!(frames[1].as_ref().is_err_and(|e| e.contains("5 bytes with only 3 left")), "{frames:?}");
+        assert_eq!(Batch::frames_of(&[1, 0]).collect::<Vec<_>>().len(), 1, "a cut length is one error");
+        assert_eq!(Batch::frames_of(&[]).count(), 0);
+    }
 }

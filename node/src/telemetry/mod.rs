@@ -101,6 +101,8 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         .ok()?
         .set_buckets_for_metric(Matcher::Suffix("_jobs".into()), COUNT_BUCKETS)
         .ok()?
+        .set_buckets_for_metric(Matcher::Suffix("_frames".into()), COUNT_BUCKETS)
+        .ok()?
         .set_buckets_for_metric(Matcher::Suffix("_depth".into()), COUNT_BUCKETS)
         .ok()?
         .install_recorder()
