@@ -77,8 +77,6 @@ pub enum TransportError {
     Backlog(NodeId, usize),
     #[error("message of {0} bytes is over the {MAX_MESSAGE_BYTES} byte limit")]
     TooLarge(usize),
-    #[error("node {0:x} answered something unreadable: {1}")]
-    Garbled(NodeId, String),
 }
 
 /// A peer came or went.
