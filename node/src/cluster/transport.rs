@@ -155,8 +155,8 @@ pub struct Transport {
 enum Answer {
     /// A ractor call (the greeting).
     Port(RpcReplyPort<Vec<u8>>),
-    /// A framed call: an answer frame with its id.
-    Frame(u64),
+    /// A framed call: an answer frame with its id, to the node that called.
+    Frame { to: NodeId, id: u64 },
 }
 
 /// Forgets a call when its caller stops waiting.
@@ -336,14 +336,14 @@ impl Transport {
         })
     }
 
-    /// Sends the answer to a call from `to`.
-    fn answer(&self, to: NodeId, answer: Answer, body: CallReply) {
-        let id = match answer {
+    /// Sends the answer to a peer's call.
+    fn answer(&self, answer: Answer, body: CallReply) {
+        let (to, id) = match answer {
             Answer::Port(port) => {
                 let _ = port.send(codec::encode(&Envelope { from: self.me, traceparent: None, body }));
                 return;
             }
-            Answer::Frame(id) => id,
+            Answer::Frame { to, id } => (to, id),
         };
         let sent = self.link_to(to).and_then(|link| {
             let frame = match self.encode(&FrameRef::Reply { id, reply: &body }, None) {
@@ -389,7 +389,7 @@ impl Transport {
     ) {
         let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
             let busy = CallReply::Failed("this node is handling too many peer requests".into());
-            self.answer(from, answer, busy);
+            self.answer(answer, busy);
             return;
         };
         let span = trace::continued(
@@ -404,7 +404,7 @@ impl Transport {
             let body = handled.await;
             metrics::histogram!("convoy_peer_serve_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
             drop(slot);
-            transport.answer(from, answer, body);
+            transport.answer(answer, body);
         });
     }
 
@@ -589,7 +589,7 @@ impl Actor for Endpoint {
                             span.in_scope(|| inbound.cast(from, cast));
                         }
                         Frame::Call { id, call } => {
-                            t.serve(&inbound, from, env.traceparent.as_deref(), call, Answer::Frame(id))
+                            t.serve(&inbound, from, env.traceparent.as_deref(), call, Answer::Frame { to: from, id })
                         }
                         Frame::Reply { id, reply } => t.complete(from, id, reply),
                     }
@@ -601,7 +601,7 @@ impl Actor for Endpoint {
                     Err(e) => {
                         metrics::counter!("convoy_peer_garbage_total").increment(1);
                         tracing::warn!(error = %e, "a peer sent an unreadable request");
-                        t.answer(0, Answer::Port(reply), CallReply::Failed(format!("unreadable request: {e}")));
+                        t.answer(Answer::Port(reply), CallReply::Failed(format!("unreadable request: {e}")));
                         return Ok(());
                     }
                 };

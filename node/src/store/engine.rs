@@ -73,7 +73,7 @@ pub trait KvEngine: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError>;
     /// Applies every op atomically with respect to crashes.
-    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+    fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Holds `batch`, visible to reads, until the next `apply` or `flush` takes it to disk
     /// ahead of its own writes. `false`: this engine does not hold it; apply it instead.
     fn stage(&self, _batch: &WriteBatch) -> Result<bool, StoreError> {
@@ -126,7 +126,7 @@ impl KvEngine for SledEngine {
         if reverse { collect(&mut iter.rev()) } else { collect(&mut { iter }) }
     }
 
-    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut sb = sled::Batch::default();
         for op in batch.ops() {
             match op {

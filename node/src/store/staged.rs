@@ -39,7 +39,7 @@ impl StagedEngine {
 
     /// Takes the staged rows to the engine, ahead of `batch`, in one atomic batch (two when
     /// `batch` deletes a range: a range delete sees only what the engine already holds).
-    fn apply_with_staged(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    fn apply_with_staged(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let held = {
             let staged = self.staged.read();
             if staged.rows.is_empty() {
@@ -55,13 +55,13 @@ impl StagedEngine {
             held
         };
         if batch.has_range_delete() {
-            self.inner.apply(&held)?;
+            self.inner.apply(held)?;
             self.clear();
             return self.inner.apply(batch);
         }
         let mut all = held;
-        all.extend(batch.clone());
-        self.inner.apply(&all)?;
+        all.extend(batch);
+        self.inner.apply(all)?;
         // Cleared only now: until the engine holds them, readers find them here.
         self.clear();
         Ok(())
@@ -113,7 +113,7 @@ impl KvEngine for StagedEngine {
         })
     }
 
-    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.apply_with_staged(batch)
     }
 
@@ -138,7 +138,7 @@ impl KvEngine for StagedEngine {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.apply_with_staged(&WriteBatch::new())?;
+        self.apply_with_staged(WriteBatch::new())?;
         self.inner.flush()
     }
 
@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn staged_rows_are_read_over_the_engine_and_reach_it_with_the_next_apply() {
         let (_dir, sled, staged) = engine();
-        staged.apply(&batch(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1"))])).unwrap();
+        staged.apply(batch(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1"))])).unwrap();
         assert!(staged.stage(&batch(&[("b", None), ("c", Some("2")), ("e", Some("2"))])).unwrap());
         assert_eq!(staged.get(b"b").unwrap(), None);
         assert_eq!(staged.get(b"c").unwrap(), Some(b"2".to_vec()));
@@ -191,7 +191,7 @@ mod tests {
         let from_b = staged.range(Bound::Included(b"b"), Bound::Excluded(b"e"), false, 10).unwrap();
         assert_eq!(keys(from_b), ["c=2", "d=1"]);
 
-        staged.apply(&batch(&[("f", Some("3"))])).unwrap();
+        staged.apply(batch(&[("f", Some("3"))])).unwrap();
         let on_disk = keys(sled.range(Bound::Unbounded, Bound::Unbounded, false, usize::MAX).unwrap());
         assert_eq!(on_disk, ["a=1", "c=2", "d=1", "e=2", "f=3"]);
         assert!(staged.staged.read().rows.is_empty());
@@ -204,7 +204,7 @@ mod tests {
         let mut wipe = WriteBatch::new();
         wipe.delete_range(b"k".to_vec(), b"l".to_vec());
         assert!(!staged.stage(&wipe).unwrap());
-        staged.apply(&wipe).unwrap();
+        staged.apply(wipe).unwrap();
         let left = keys(sled.range(Bound::Unbounded, Bound::Unbounded, false, usize::MAX).unwrap());
         assert_eq!(left, ["z=1"], "staged rows in the range are deleted with it");
     }

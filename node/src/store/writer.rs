@@ -187,11 +187,11 @@ impl StorageWriter {
 
 /// Applies `batch`; in a cycle that flushes nothing, the engine may stage it instead, to
 /// ride on the next flushing batch (`staged.rs` says why).
-fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: &WriteBatch, durable: bool) -> Result<(), StoreError> {
+fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
     if faults.fail.load(Ordering::Relaxed) {
         return Err(StoreError::Engine("injected storage failure".into()));
     }
-    if !durable && engine.stage(batch)? {
+    if !durable && engine.stage(&batch)? {
         return Ok(());
     }
     engine.apply(batch)
@@ -248,8 +248,8 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
             jobs.push((job.durability, job.on_visible, job.done));
         }
         let cycle = Instant::now();
-        let mut applied = apply(&*engine, &faults, &batch, durable);
         let mut ops = batch.len();
+        let mut applied = apply(&*engine, &faults, batch, durable);
         // Jobs that queued while that batch was applied ride on the same flush: they would
         // wait for it anyway.
         while applied.is_ok() && pending.is_none() && stop.is_none() && !faults.is_stalled() {
@@ -275,7 +275,7 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
                 break;
             }
             ops += more.len();
-            applied = apply(&*engine, &faults, &more, durable);
+            applied = apply(&*engine, &faults, more, durable);
         }
         let applied_in = cycle.elapsed();
         metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
