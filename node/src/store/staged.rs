@@ -40,20 +40,16 @@ impl StagedEngine {
     /// Takes the staged rows to the engine, ahead of `batch`, in one atomic batch (two when
     /// `batch` deletes a range: a range delete sees only what the engine already holds).
     fn apply_with_staged(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let held = {
-            let staged = self.staged.read();
-            if staged.rows.is_empty() {
-                return self.inner.apply(batch);
+        let mut held = WriteBatch::new();
+        for (key, value) in &self.staged.read().rows {
+            match value {
+                Some(value) => held.put(key.clone(), value.clone()),
+                None => held.delete(key.clone()),
             }
-            let mut held = WriteBatch::new();
-            for (key, value) in &staged.rows {
-                match value {
-                    Some(value) => held.put(key.clone(), value.clone()),
-                    None => held.delete(key.clone()),
-                }
-            }
-            held
-        };
+        }
+        if held.is_empty() {
+            return self.inner.apply(batch);
+        }
         if batch.has_range_delete() {
             self.inner.apply(held)?;
             self.clear();
