@@ -118,6 +118,14 @@ pub(super) struct Outgoing {
     frame: Vec<u8>,
 }
 
+/// What sending to a peer needs, taken from its link (cheaper than cloning the link, which
+/// holds the peer's addresses).
+struct Route {
+    outbox: mpsc::Sender<Outgoing>,
+    in_flight: Arc<Semaphore>,
+    session: ractor::ActorId,
+}
+
 /// A call waiting for its answer.
 struct PendingCall {
     node: NodeId,
@@ -288,14 +296,14 @@ impl Transport {
     /// Sends `call` to `node` and waits at most `timeout` for its answer.
     pub async fn call(&self, node: NodeId, call: &Call, timeout: Duration) -> Result<CallReply, TransportError> {
         let started = Instant::now();
-        let link = self.link_to(node)?;
-        let _slot = link.in_flight.try_acquire().map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
+        let route = self.route_to(node)?;
+        let _slot = route.in_flight.try_acquire().map_err(|_| TransportError::Busy(node, MAX_IN_FLIGHT_PER_PEER))?;
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode(&FrameRef::Call { id, call }, trace::traceparent())?;
         let (answer, answered) = oneshot::channel();
-        self.calls.lock().insert(id, PendingCall { node, session: link.session.get_id(), answer });
+        self.calls.lock().insert(id, PendingCall { node, session: route.session, answer });
         let _forget = ForgetCall(&self.calls, id);
-        self.send(node, &link.outbox, frame)?;
+        self.send(node, &route.outbox, frame)?;
         let answer = tokio::time::timeout(timeout, answered).await;
         metrics::histogram!("convoy_peer_call_seconds", "kind" => call.kind()).record(started.elapsed().as_secs_f64());
         let reply = match answer {
@@ -313,18 +321,20 @@ impl Transport {
 
     /// Sends `cast` to `node` without waiting. Best effort.
     pub fn cast(&self, node: NodeId, cast: &Cast) -> Result<(), TransportError> {
-        let link = self.link_to(node)?;
+        let route = self.route_to(node)?;
         let frame = self.encode(&FrameRef::Cast(cast), trace::traceparent())?;
-        self.send(node, &link.outbox, frame)
+        self.send(node, &route.outbox, frame)
     }
 
-    /// The link to `node`, unless traffic with it is dropped (fault injection).
-    fn link_to(&self, node: NodeId) -> Result<Link, TransportError> {
+    /// What sending to `node` needs, unless traffic with it is dropped (fault injection).
+    fn route_to(&self, node: NodeId) -> Result<Route, TransportError> {
         if self.faults.is_dropped(node) {
             metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "out").increment(1);
             return Err(TransportError::NotConnected(node));
         }
-        self.links.read().get(&node).cloned().ok_or(TransportError::NotConnected(node))
+        let links = self.links.read();
+        let link = links.get(&node).ok_or(TransportError::NotConnected(node))?;
+        Ok(Route { outbox: link.outbox.clone(), in_flight: link.in_flight.clone(), session: link.session.get_id() })
     }
 
     /// Queues `frame` in the outbox of `node`, held back by the injected delay if there is one.
@@ -345,7 +355,7 @@ impl Transport {
             }
             Answer::Frame { to, id } => (to, id),
         };
-        let sent = self.link_to(to).and_then(|link| {
+        let sent = self.route_to(to).and_then(|route| {
             let frame = match self.encode(&FrameRef::Reply { id, reply: &body }, None) {
                 Err(TransportError::TooLarge(n)) => {
                     let failed = CallReply::Failed(format!("the answer of {n} bytes is over the message limit"));
@@ -353,7 +363,7 @@ impl Transport {
                 }
                 other => other?,
             };
-            self.send(to, &link.outbox, frame)
+            self.send(to, &route.outbox, frame)
         });
         if let Err(e) = sent {
             metrics::counter!("convoy_peer_answers_lost_total").increment(1);
