@@ -278,11 +278,18 @@ impl Transport {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Any message from `node` proves it alive.
-    fn heard_from(&self, node: NodeId) {
+    /// Whether a message from `node` is taken in. One whose traffic is dropped (fault
+    /// injection) is as if it never arrived: no answer, and the peer is not heard from. Any
+    /// other proves the peer alive.
+    fn admit(&self, node: NodeId) -> bool {
+        if self.faults.is_dropped(node) {
+            metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+            return false;
+        }
         if let Some(link) = self.links.read().get(&node) {
             link.last_heard.store(self.millis(), Ordering::Relaxed);
         }
+        true
     }
 
     fn encode<T: serde::Serialize>(&self, body: &T, traceparent: Option<String>) -> Result<Vec<u8>, TransportError> {
@@ -583,12 +590,9 @@ impl Actor for Endpoint {
                             continue;
                         }
                     };
-                    if t.faults.is_dropped(env.from) {
-                        // As if it never arrived: no answer, and the peer is not heard from.
-                        metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
+                    if !t.admit(env.from) {
                         continue;
                     }
-                    t.heard_from(env.from);
                     let from = env.from;
                     match env.body {
                         Frame::Cast(cast) => {
@@ -615,12 +619,9 @@ impl Actor for Endpoint {
                         return Ok(());
                     }
                 };
-                if t.faults.is_dropped(env.from) {
-                    metrics::counter!("convoy_chaos_messages_dropped_total", "direction" => "in").increment(1);
-                    drop(reply);
+                if !t.admit(env.from) {
                     return Ok(());
                 }
-                t.heard_from(env.from);
                 t.serve(&inbound, env.from, env.traceparent.as_deref(), env.body, Answer::Port(reply));
             }
         }
