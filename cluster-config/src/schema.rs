@@ -14,7 +14,8 @@ const fn localhost(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
-const MIB: u64 = 1024 * 1024;
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
 
 /// Complete configuration of one node.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -193,12 +194,18 @@ impl Default for RaftConfig {
 pub struct StorageConfig {
     pub cache_capacity_bytes: u64,
     pub max_batch_bytes: u64,
+    pub max_staged_bytes: u64,
     pub queue_depth: usize,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 128 * MIB, max_batch_bytes: 4 * MIB, queue_depth: 4096 }
+        Self {
+            cache_capacity_bytes: 128 * MIB,
+            max_batch_bytes: 4 * MIB,
+            max_staged_bytes: 32 * KIB,
+            queue_depth: 4096,
+        }
     }
 }
 

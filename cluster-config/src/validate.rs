@@ -142,6 +142,7 @@ fn raft(r: &RaftConfig) -> Check {
 fn storage(s: &StorageConfig) -> Check {
     positive("storage.cache_capacity_bytes", s.cache_capacity_bytes)?;
     positive("storage.max_batch_bytes", s.max_batch_bytes)?;
+    positive("storage.max_staged_bytes", s.max_staged_bytes)?;
     positive("storage.queue_depth", s.queue_depth)
 }
 

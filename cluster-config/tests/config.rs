@@ -107,6 +107,7 @@ fn default_values() {
     assert_eq!(c.auth.max_token_ttl, Duration::from_secs(30 * 24 * 3600));
     assert_eq!(c.storage.cache_capacity_bytes, 134_217_728);
     assert_eq!(c.storage.max_batch_bytes, 4 * 1024 * 1024);
+    assert_eq!(c.storage.max_staged_bytes, 32 * 1024);
     assert_eq!(c.timeouts.receipt_timeout, Duration::from_secs(300));
     assert_eq!(c.telemetry.log_format, LogFormat::Text);
     assert_eq!(c.telemetry.otlp_protocol, OtlpProtocol::Grpc);
@@ -387,6 +388,7 @@ fn each_rule_names_its_key() {
         ("[raft]\nmax_payload_entries = 0", "raft.max_payload_entries"),
         ("[storage]\ncache_capacity_bytes = 0", "storage.cache_capacity_bytes"),
         ("[storage]\nmax_batch_bytes = 0", "storage.max_batch_bytes"),
+        ("[storage]\nmax_staged_bytes = 0", "storage.max_staged_bytes"),
         ("[storage]\nqueue_depth = 0", "storage.queue_depth"),
         ("[limits]\nmax_frame_bytes = 1023", "limits.max_frame_bytes"),
         ("[limits]\nmax_frame_bytes = 16777217", "limits.max_frame_bytes"),

@@ -205,8 +205,11 @@ pub async fn run(
     let secret = client_secret(&cfg, policy)?;
     let keys = Arc::new(TokenKeys::new(secret.as_bytes(), cfg.auth.max_token_ttl));
 
-    let limits =
-        WriterLimits { queue_depth: cfg.storage.queue_depth, max_batch_bytes: cfg.storage.max_batch_bytes as usize };
+    let limits = WriterLimits {
+        queue_depth: cfg.storage.queue_depth,
+        max_batch_bytes: cfg.storage.max_batch_bytes as usize,
+        max_staged_bytes: cfg.storage.max_staged_bytes as usize,
+    };
     let (store, writer_thread) = Store::open(&data_dir.join("db"), cfg.storage.cache_capacity_bytes, limits)?;
     let node_id = identity(&store, &cfg.node.id, &data_dir).await?;
     let client_url = format!("ws://{}/v1/ws", cfg.client.listen);

@@ -14,7 +14,7 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, RaftLog, ShardStateMachine, tempfile::TempDir> for SledBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, RaftLog, ShardStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 };
+        let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
         let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
         let group = RaftGroupId(3);
         let data = Arc::new(ShardData::new(group, store.clone(), 1024));
@@ -39,7 +39,7 @@ async fn a_purge_deletes_every_wholly_purged_segment_and_keeps_the_rest() {
     use openraft::testing::{blank_ent, log_id};
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 };
+    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
     let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
     let group = RaftGroupId(3);
     let mut log = RaftLog::new(group, store.clone());
@@ -94,7 +94,7 @@ async fn a_snapshot_holds_its_cut_and_nothing_applied_while_it_was_built() {
     use openraft::testing::log_id;
 
     async fn open(dir: &std::path::Path, group: RaftGroupId) -> (Store, ShardStateMachine) {
-        let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 };
+        let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
         let (store, _writer) = Store::open(&dir.join("db"), 16 << 20, limits).expect("open store");
         let data = Arc::new(ShardData::new(group, store.clone(), 1024));
         let sm = ShardStateMachine::open(group, store.clone(), data, dir.join("snapshots")).expect("open sm");

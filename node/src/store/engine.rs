@@ -16,16 +16,30 @@ pub enum Op {
     DeleteRange(Vec<u8>, Vec<u8>),
 }
 
-/// Changes applied atomically and in order.
+/// Changes applied in order and, unless made with [`WriteBatch::in_order`], atomically: a
+/// crash keeps all of them or none.
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     ops: Vec<Op>,
     bytes: usize,
+    /// Every prefix of `ops` is a consistent state, so a crash may keep any of them.
+    any_prefix_consistent: bool,
 }
 
 impl WriteBatch {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A batch whose every prefix is a consistent state, such as the segments of one Raft
+    /// log append (a log cut short is still a log, and nothing in it was acknowledged yet).
+    /// The engine may apply it op by op, which costs sled far less than an atomic batch.
+    pub fn in_order() -> Self {
+        WriteBatch { any_prefix_consistent: true, ..Self::default() }
+    }
+    /// Whether a crash may keep any prefix of it: made with [`WriteBatch::in_order`], or a
+    /// single op, and never a range delete (the engine expands that into many).
+    pub fn may_keep_a_prefix(&self) -> bool {
+        (self.any_prefix_consistent || self.ops.len() <= 1) && !self.has_range_delete()
     }
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.bytes += key.len() + value.len();
@@ -56,7 +70,14 @@ impl WriteBatch {
     pub fn has_range_delete(&self) -> bool {
         self.ops.iter().any(|op| matches!(op, Op::DeleteRange(..)))
     }
+    /// Appends `other`'s ops. The result may keep a prefix only if both may: a prefix of
+    /// the two is all of the first and a prefix of the second, or a prefix of the first.
     pub fn extend(&mut self, other: WriteBatch) {
+        self.any_prefix_consistent = if self.ops.is_empty() {
+            other.any_prefix_consistent
+        } else {
+            self.may_keep_a_prefix() && other.may_keep_a_prefix()
+        };
         self.bytes += other.bytes;
         self.ops.extend(other.ops);
     }
@@ -72,10 +93,17 @@ pub trait KvEngine: Send + Sync + 'static {
         reverse: bool,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError>;
-    /// Applies every op atomically with respect to crashes.
+    /// Applies every op atomically with respect to crashes (an empty batch still takes any
+    /// staged rows to the engine).
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;
-    /// Holds `batch`, visible to reads, until the next `apply` or `flush` takes it to disk
-    /// ahead of its own writes. `false`: this engine does not hold it; apply it instead.
+    /// Applies the ops of a batch that [`WriteBatch::may_keep_a_prefix`] in order; a crash
+    /// may keep any prefix of them. Engines with nothing cheaper apply it atomically.
+    fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.apply(batch)
+    }
+    /// Holds `batch`, visible to reads, until an atomic `apply` takes it to the engine ahead
+    /// of its own writes. `false`: this engine does not hold it (or is full); apply it
+    /// instead, atomically.
     fn stage(&self, _batch: &WriteBatch) -> Result<bool, StoreError> {
         Ok(false)
     }
@@ -145,11 +173,57 @@ impl KvEngine for SledEngine {
         self.db.apply_batch(sb).map_err(io)
     }
 
+    /// One insert or remove per op. sled recovers a prefix of its log after a crash, so a
+    /// crash keeps a prefix of these; and none of them seals a log buffer, where every
+    /// `apply_batch` seals two (each a job that wakes all of sled's idle I/O threads).
+    fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        assert!(batch.may_keep_a_prefix(), "an atomic batch applied op by op");
+        for op in batch.ops() {
+            match op {
+                Op::Put(k, v) => self.db.insert(k.as_slice(), v.as_slice()).map(drop).map_err(io)?,
+                Op::Delete(k) => self.db.remove(k.as_slice()).map(drop).map_err(io)?,
+                Op::DeleteRange(..) => unreachable!("may_keep_a_prefix excludes range deletes"),
+            }
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(io)
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.db.size_on_disk().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(b: &mut WriteBatch, k: &str) {
+        b.put(k.as_bytes().to_vec(), vec![1]);
+    }
+
+    #[test]
+    fn only_in_order_batches_and_single_ops_may_keep_a_prefix() {
+        let mut atomic = WriteBatch::new();
+        put(&mut atomic, "a");
+        assert!(atomic.may_keep_a_prefix(), "one op is all or nothing anyway");
+        put(&mut atomic, "b");
+        assert!(!atomic.may_keep_a_prefix());
+
+        let mut log = WriteBatch::in_order();
+        put(&mut log, "s1");
+        put(&mut log, "s2");
+        assert!(log.may_keep_a_prefix());
+        let mut merged = WriteBatch::new();
+        merged.extend(log.clone());
+        assert!(merged.may_keep_a_prefix(), "an empty batch takes on what it is extended with");
+        merged.extend(atomic.clone());
+        assert!(!merged.may_keep_a_prefix(), "joined with an atomic batch, the whole is atomic");
+        let mut wipe = WriteBatch::in_order();
+        wipe.delete_range(b"a".to_vec(), b"b".to_vec());
+        assert!(!wipe.may_keep_a_prefix(), "a range delete is never cut");
     }
 }

@@ -52,7 +52,7 @@ impl Store {
         limits: WriterLimits,
     ) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
         let sled: Arc<dyn KvEngine> = Arc::new(engine::SledEngine::open(dir, cache_capacity_bytes)?);
-        let engine: Arc<dyn KvEngine> = Arc::new(staged::StagedEngine::new(sled, limits.max_batch_bytes));
+        let engine: Arc<dyn KvEngine> = Arc::new(staged::StagedEngine::new(sled, limits.max_staged_bytes));
         let (writer, handle) = StorageWriter::start(engine.clone(), limits);
         Ok((Store { engine, writer }, handle))
     }

@@ -1,10 +1,15 @@
-//! Writes that need only be visible wait in memory for the next write that must be durable.
+//! Writes that need only be visible wait in memory, and reach the engine together in one
+//! atomic batch: when staging is full, or ahead of any other atomic batch.
 //!
 //! Why: every sled batch seals two of its log buffers, and each sealed buffer is written by
 //! sled's I/O thread pool, whose every job wakes all of its idle threads. A state machine
 //! apply (visible, never flushed on its own) cost as much as a Raft append. Staged, it costs
-//! a map insert, and reaches the engine inside the next flushing batch: before the flush
-//! that would have made it durable anyway, so nothing becomes less durable.
+//! a map insert; many applies reach sled as one batch, and rewrites of the same row (an
+//! entity's state, the applied position) as one write.
+//!
+//! A crash loses what is staged, which `Durability::Visible` allows: the rows of one apply
+//! stay together (they are staged and taken to the engine whole), and a state machine that
+//! lost applies replays them from its log, whose purge is staged along with them.
 //!
 //! Reads see staged rows over the engine's. Only the storage writer stages, applies and
 //! flushes; reads come from anywhere.
@@ -48,7 +53,7 @@ impl StagedEngine {
             }
         }
         if held.is_empty() {
-            return self.inner.apply(batch);
+            return if batch.is_empty() { Ok(()) } else { self.inner.apply(batch) };
         }
         if batch.has_range_delete() {
             self.inner.apply(held)?;
@@ -113,6 +118,18 @@ impl KvEngine for StagedEngine {
         self.apply_with_staged(batch)
     }
 
+    fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        // A key that is also staged must reach the engine after its staged value.
+        let overlaps = {
+            let staged = self.staged.read();
+            batch.ops().iter().any(|op| match op {
+                Op::Put(key, _) | Op::Delete(key) => staged.rows.contains_key(key),
+                Op::DeleteRange(..) => true,
+            })
+        };
+        if overlaps { self.apply_with_staged(batch) } else { self.inner.apply_in_order(batch) }
+    }
+
     fn stage(&self, batch: &WriteBatch) -> Result<bool, StoreError> {
         if batch.has_range_delete() {
             return Ok(false);
@@ -133,8 +150,9 @@ impl KvEngine for StagedEngine {
         Ok(true)
     }
 
+    /// Staged rows are not applied yet: they stay staged (`apply` an empty batch first to
+    /// make them durable too).
     fn flush(&self) -> Result<(), StoreError> {
-        self.apply_with_staged(WriteBatch::new())?;
         self.inner.flush()
     }
 
@@ -206,13 +224,35 @@ mod tests {
     }
 
     #[test]
-    fn staging_is_bounded_and_flush_takes_the_staged_rows_to_disk() {
+    fn staging_is_bounded_and_only_an_atomic_apply_takes_the_staged_rows_to_disk() {
         let (_dir, sled, staged) = engine();
         let big = "x".repeat(600);
         assert!(staged.stage(&batch(&[("a", Some(&big))])).unwrap());
         assert!(!staged.stage(&batch(&[("b", Some(&big))])).unwrap(), "over the 1 KiB limit: apply it instead");
         staged.flush().unwrap();
-        assert_eq!(sled.get(b"a").unwrap(), Some(big.into_bytes()));
+        assert_eq!(sled.get(b"a").unwrap(), None, "a flush leaves staged rows staged");
+        staged.apply(WriteBatch::new()).unwrap();
+        assert_eq!(sled.get(b"a").unwrap(), Some(big.into_bytes()), "an empty atomic batch takes them along");
         assert!(staged.staged.read().rows.is_empty());
+    }
+
+    #[test]
+    fn in_order_writes_pass_the_staged_rows_unless_they_touch_a_staged_key() {
+        let (_dir, sled, staged) = engine();
+        assert!(staged.stage(&batch(&[("state", Some("1")), ("purged", Some("1"))])).unwrap());
+        let mut append = WriteBatch::in_order();
+        append.put(b"log-1".to_vec(), b"e1".to_vec());
+        append.put(b"log-2".to_vec(), b"e2".to_vec());
+        staged.apply_in_order(append).unwrap();
+        assert_eq!(sled.get(b"log-2").unwrap(), Some(b"e2".to_vec()));
+        assert_eq!(sled.get(b"state").unwrap(), None, "staged rows stay staged");
+
+        // The same key staged and then written in order: the later write must win.
+        let mut rewrite = WriteBatch::in_order();
+        rewrite.put(b"purged".to_vec(), b"2".to_vec());
+        staged.apply_in_order(rewrite).unwrap();
+        assert_eq!(sled.get(b"purged").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()), "taken along, ahead of the write");
+        assert_eq!(staged.get(b"purged").unwrap(), Some(b"2".to_vec()));
     }
 }

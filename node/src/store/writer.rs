@@ -106,6 +106,8 @@ pub struct WriterLimits {
     pub queue_depth: usize,
     /// Bytes merged into one engine batch.
     pub max_batch_bytes: usize,
+    /// Bytes of visible-only writes staged before they go to the engine (`staged.rs`).
+    pub max_staged_bytes: usize,
 }
 
 impl StorageWriter {
@@ -185,16 +187,84 @@ impl StorageWriter {
     }
 }
 
-/// Applies `batch`; in a cycle that flushes nothing, the engine may stage it instead, to
-/// ride on the next flushing batch (`staged.rs` says why).
-fn apply(engine: &dyn KvEngine, faults: &WriterFaults, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
+/// Applies the batches of a round of jobs, in order and as cheaply as each allows: one that
+/// need only be visible is staged when the engine takes it (`staged.rs` says why), a durable
+/// one that a crash may cut anywhere goes op by op, and the rest are merged into one atomic
+/// batch. Once that batch has begun, what follows joins it, so nothing overtakes it.
+fn apply(
+    engine: &dyn KvEngine,
+    faults: &WriterFaults,
+    batches: Vec<(Durability, WriteBatch)>,
+) -> Result<(), StoreError> {
     if faults.fail.load(Ordering::Relaxed) {
         return Err(StoreError::Engine("injected storage failure".into()));
     }
-    if !durable && engine.stage(&batch)? {
-        return Ok(());
+    let mut atomic = WriteBatch::new();
+    for (durability, batch) in batches {
+        if atomic.is_empty() {
+            match durability {
+                Durability::Visible if engine.stage(&batch)? => continue,
+                Durability::Durable if batch.may_keep_a_prefix() => {
+                    engine.apply_in_order(batch)?;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        atomic.extend(batch);
     }
-    engine.apply(batch)
+    if atomic.is_empty() { Ok(()) } else { engine.apply(atomic) }
+}
+
+/// The jobs one cycle took from the queue: how to answer each, and what they add up to.
+#[derive(Default)]
+struct Taken {
+    answers: Vec<(Durability, Option<Callback>, Callback)>,
+    /// Whether any job needs the cycle to flush.
+    durable: bool,
+    ops: usize,
+}
+
+impl Taken {
+    /// Takes `first` (if any) and the jobs queued after it into one round of batches, up to
+    /// `max_bytes`. A range delete only sees what is already in the engine, so a queued job
+    /// holding one is left in `pending` to start the next cycle; a stop ends the round.
+    fn gather(
+        &mut self,
+        first: Option<Job>,
+        rx: &mut mpsc::Receiver<Command>,
+        max_bytes: usize,
+        pending: &mut Option<Job>,
+        stop: &mut Option<oneshot::Sender<()>>,
+    ) -> Vec<(Durability, WriteBatch)> {
+        let mut round = Vec::new();
+        let mut bytes = 0;
+        let mut next = first;
+        loop {
+            if let Some(job) = next.take() {
+                self.durable |= job.durability == Durability::Durable;
+                self.ops += job.batch.len();
+                bytes += job.batch.bytes();
+                round.push((job.durability, job.batch));
+                self.answers.push((job.durability, job.on_visible, job.done));
+            }
+            if bytes >= max_bytes || stop.is_some() {
+                return round;
+            }
+            match rx.try_recv() {
+                Ok(Command::Write(job)) if job.batch.has_range_delete() => {
+                    *pending = Some(job);
+                    return round;
+                }
+                Ok(Command::Write(job)) => next = Some(job),
+                Ok(Command::Stop(done)) => {
+                    *stop = Some(done);
+                    return round;
+                }
+                Err(_) => return round,
+            }
+        }
+    }
 }
 
 fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: WriterLimits, faults: Arc<WriterFaults>) {
@@ -205,7 +275,8 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
         if pending.is_none()
             && let Some(done) = stop.take()
         {
-            let _ = engine.flush();
+            // The empty batch takes any staged rows along.
+            let _ = engine.apply(WriteBatch::new()).and_then(|()| engine.flush());
             let _ = done.send(());
             return;
         }
@@ -223,65 +294,25 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
         if faults.wait_while_stalled() {
             tracing::info!("storage writer resumes after a stall");
         }
-        // Merge what is queued, up to the byte limit. A range delete only sees what is
-        // already in the engine, so a job holding one starts a cycle of its own.
-        let mut batch = WriteBatch::new();
-        let mut jobs = Vec::new();
-        let mut durable = first.durability == Durability::Durable;
-        batch.extend(first.batch);
-        jobs.push((first.durability, first.on_visible, first.done));
-        while batch.bytes() < limits.max_batch_bytes && stop.is_none() {
-            let job = match rx.try_recv() {
-                Ok(Command::Write(job)) => job,
-                Ok(Command::Stop(done)) => {
-                    stop = Some(done);
-                    break;
-                }
-                Err(_) => break,
-            };
-            if job.batch.has_range_delete() {
-                pending = Some(job);
-                break;
-            }
-            durable |= job.durability == Durability::Durable;
-            batch.extend(job.batch);
-            jobs.push((job.durability, job.on_visible, job.done));
-        }
+        let mut taken = Taken::default();
+        let round = taken.gather(Some(first), &mut rx, limits.max_batch_bytes, &mut pending, &mut stop);
         let cycle = Instant::now();
-        let mut ops = batch.len();
-        let mut applied = apply(&*engine, &faults, batch, durable);
+        let mut applied = apply(&*engine, &faults, round);
         // Jobs that queued while that batch was applied ride on the same flush: they would
         // wait for it anyway.
         while applied.is_ok() && pending.is_none() && stop.is_none() && !faults.is_stalled() {
-            let mut more = WriteBatch::new();
-            while more.bytes() < limits.max_batch_bytes {
-                let job = match rx.try_recv() {
-                    Ok(Command::Write(job)) => job,
-                    Ok(Command::Stop(done)) => {
-                        stop = Some(done);
-                        break;
-                    }
-                    Err(_) => break,
-                };
-                if job.batch.has_range_delete() {
-                    pending = Some(job);
-                    break;
-                }
-                durable |= job.durability == Durability::Durable;
-                more.extend(job.batch);
-                jobs.push((job.durability, job.on_visible, job.done));
-            }
+            let more = taken.gather(None, &mut rx, limits.max_batch_bytes, &mut pending, &mut stop);
             if more.is_empty() {
                 break;
             }
-            ops += more.len();
-            applied = apply(&*engine, &faults, more, durable);
+            applied = apply(&*engine, &faults, more);
         }
+        let Taken { answers, durable, ops } = taken;
         let applied_in = cycle.elapsed();
         metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
-        metrics::histogram!("convoy_storage_batch_jobs").record(jobs.len() as f64);
+        metrics::histogram!("convoy_storage_batch_jobs").record(answers.len() as f64);
         let mut waiting_for_flush = Vec::new();
-        for (durability, on_visible, done) in jobs {
+        for (durability, on_visible, done) in answers {
             if let Some(on_visible) = on_visible {
                 on_visible(applied.clone());
             }
@@ -355,23 +386,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sled: Arc<dyn KvEngine> = Arc::new(SledEngine::open(dir.path(), 8 << 20).unwrap());
         let engine: Arc<dyn KvEngine> = Arc::new(StagedEngine::new(sled.clone(), 1 << 20));
-        let (w, _) = StorageWriter::start(engine.clone(), WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20 });
+        let (w, _) = StorageWriter::start(
+            engine.clone(),
+            WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 },
+        );
         (dir, sled, engine, w)
     }
 
     #[tokio::test]
-    async fn visible_writes_wait_in_memory_for_the_next_durable_one() {
+    async fn visible_writes_wait_in_memory_for_an_atomic_durable_one() {
         let (_dir, sled, engine, w) = writer_over_sled();
         let mut b = WriteBatch::new();
         b.put(b"state".to_vec(), b"1".to_vec());
+        b.put(b"applied".to_vec(), b"1".to_vec());
         w.write(b, Durability::Visible).await.unwrap();
         assert_eq!(engine.get(b"state").unwrap(), Some(b"1".to_vec()), "readers see it at once");
         assert_eq!(sled.get(b"state").unwrap(), None, "staged: no sled batch of its own");
-        let mut b = WriteBatch::new();
-        b.put(b"log".to_vec(), b"2".to_vec());
+
+        let mut b = WriteBatch::in_order();
+        b.put(b"log-1".to_vec(), b"e1".to_vec());
+        b.put(b"log-2".to_vec(), b"e2".to_vec());
         w.write(b, Durability::Durable).await.unwrap();
-        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()), "carried by the durable batch");
-        assert_eq!(sled.get(b"log").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(sled.get(b"log-2").unwrap(), Some(b"e2".to_vec()), "in-order writes go straight to the engine");
+        assert_eq!(sled.get(b"state").unwrap(), None, "and leave the staged rows staged");
+
+        let mut b = WriteBatch::new();
+        b.put(b"a".to_vec(), b"3".to_vec());
+        b.put(b"b".to_vec(), b"3".to_vec());
+        w.write(b, Durability::Durable).await.unwrap();
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()), "carried by the atomic durable batch");
+        assert_eq!(sled.get(b"applied").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(sled.get(b"b").unwrap(), Some(b"3".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn stopping_takes_the_staged_rows_to_disk() {
+        let (_dir, sled, _engine, w) = writer_over_sled();
+        let mut b = WriteBatch::new();
+        b.put(b"state".to_vec(), b"1".to_vec());
+        w.write(b, Durability::Visible).await.unwrap();
+        w.stop().await;
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()));
     }
 
     #[tokio::test]
