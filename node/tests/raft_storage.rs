@@ -172,3 +172,49 @@ async fn a_snapshot_holds_its_cut_and_nothing_applied_while_it_was_built() {
     assert_eq!(installed.len(), at_cut.len(), "the installed state has the cut's rows, no more, no fewer");
     assert!(installed == at_cut, "the installed state is the state at the cut, row for row");
 }
+
+/// The state machine hands a batch to the writer and returns, so openraft may apply the
+/// next batch before the last is visible (a restart replays the log in chunks, back to
+/// back): the metadata group's next command must build on the state the last one left,
+/// not on the last visible one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
+    use convoy_node::cluster::meta::MetaCommand;
+    use convoy_node::shard::{Entry, NodeAddr, RaftRequest};
+    use openraft::entry::RaftEntry;
+    use openraft::storage::RaftStateMachine;
+    use openraft::testing::log_id;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+    let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
+    let group = RaftGroupId::META;
+    let data = Arc::new(ShardData::new(group, store.clone(), 1024));
+    let mut sm =
+        ShardStateMachine::open(group, store.clone(), data.clone(), dir.path().join("snapshots")).expect("open sm");
+    let addr = |name: &str| NodeAddr {
+        name: name.into(),
+        cluster_addr: format!("{name}:1"),
+        client_url: format!("ws://{name}"),
+        admin_url: format!("http://{name}"),
+    };
+    let commands = [
+        MetaCommand::Bootstrap { cluster_id: 7, shards: 8, replication_factor: 3, members: vec![(1, addr("n1"))] },
+        MetaCommand::Join { node: 2, addr: addr("n2") },
+        MetaCommand::Join { node: 3, addr: addr("n3") },
+    ];
+
+    // Nothing becomes visible while the writer is stalled; each apply only queues its batch.
+    store.writer().faults().set_stall(true);
+    for (i, cmd) in commands.into_iter().enumerate() {
+        let entry = Entry::new_normal(log_id::<TypeConfig>(1, 1, i as u64 + 1), RaftRequest::Meta(cmd));
+        sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
+    }
+    assert!(!data.cluster().expect("the metadata group has a cluster state").borrow().is_bootstrapped());
+    store.writer().faults().set_stall(false);
+    store.writer().barrier().await.expect("applies written");
+
+    let state = data.cluster().expect("cluster state").borrow().clone();
+    assert!(state.is_bootstrapped());
+    assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), [1, 2, 3], "every join applied on the one before");
+}

@@ -82,9 +82,9 @@ impl ShardData {
         self.cluster.as_ref().map(|c| c.borrow().clone())
     }
 
-    pub(super) fn publish_cluster(&self, state: ClusterState) {
+    pub(super) fn publish_cluster(&self, state: Arc<ClusterState>) {
         if let Some(c) = &self.cluster {
-            c.send_replace(Arc::new(state));
+            c.send_replace(state);
         }
     }
 
@@ -93,7 +93,7 @@ impl ShardData {
         if self.cluster.is_some() {
             let state: ClusterState =
                 self.store.get("cluster state", &keys::cluster_state(self.group))?.unwrap_or_default();
-            self.publish_cluster(state);
+            self.publish_cluster(Arc::new(state));
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::ShardData;
 use super::{ApplyResult, LogId, RaftGroupId, RaftRequest, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::cluster::meta::ClusterState;
 use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
 use crate::telemetry::trace;
 
@@ -181,6 +182,8 @@ struct Unwritten {
     /// Entity -> (the batch that wrote it, its state).
     states: HashMap<EntityKey, (u64, Option<Arc<EntityState>>)>,
     idempotency: HashMap<(EntityKey, String), (u64, (u64, Timestamp))>,
+    /// The metadata group's cluster state: (the batch that wrote it, the state).
+    cluster: Option<(u64, Arc<ClusterState>)>,
 }
 
 /// Idempotency records in front of the engine: this batch's, then unwritten ones.
@@ -226,7 +229,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let mut replies = Vec::new();
         let mut effects = Vec::new();
         let mut timer_changes = Vec::new();
-        let mut cluster: Option<crate::cluster::meta::ClusterState> = None;
+        let mut cluster: Option<ClusterState> = None;
         let mut count = 0u64;
         let mut applying: Vec<tracing::Span> = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -240,10 +243,19 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ApplyResult::Nothing
                 }
                 EntryPayload::Normal(RaftRequest::Meta(cmd)) => {
-                    let Some(current) = self.data.cluster_now() else {
-                        return Err(io::Error::other(format!("{group} is not the metadata group but got {cmd:?}")));
+                    let state = match &mut cluster {
+                        Some(state) => state,
+                        None => {
+                            // An earlier batch's state may not be visible yet: build on it.
+                            let unwritten = self.unwritten.lock().cluster.as_ref().map(|(_, s)| s.clone());
+                            let Some(current) = unwritten.or_else(|| self.data.cluster_now()) else {
+                                return Err(io::Error::other(format!(
+                                    "{group} is not the metadata group but got {cmd:?}"
+                                )));
+                            };
+                            cluster.insert((*current).clone())
+                        }
                     };
-                    let state = cluster.get_or_insert_with(|| (*current).clone());
                     ApplyResult::Meta(state.apply(cmd))
                 }
                 EntryPayload::Normal(RaftRequest::Entity(c)) => {
@@ -325,6 +337,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
         self.batches += 1;
         let batch_no = self.batches;
+        let cluster = cluster.map(Arc::new);
         let written: Vec<(EntityKey, Option<Arc<EntityState>>)> =
             changed.into_iter().map(|k| (k.clone(), states.remove(&k).flatten().map(Arc::new))).collect();
         {
@@ -334,6 +347,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             }
             for (k, v) in pending_idem {
                 u.idempotency.insert(k, (batch_no, v));
+            }
+            if let Some(state) = &cluster {
+                u.cluster = Some((batch_no, state.clone()));
             }
         }
         let (data, unwritten, broken) = (self.data.clone(), self.unwritten.clone(), self.broken.clone());
@@ -365,6 +381,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     }
                 }
                 u.idempotency.retain(|_, (n, _)| *n != batch_no);
+                if u.cluster.as_ref().is_some_and(|(n, _)| *n == batch_no) {
+                    u.cluster = None;
+                }
             }
             for (responder, result) in replies {
                 responder.send(result);
