@@ -198,13 +198,19 @@ async fn whole_case(nodes: [&Node; 3]) {
     let r = ticket(&quality, &review).await;
     assert_eq!((r["review_of"].as_str(), r["skill_group"].as_str()), (Some(id.as_str()), Some("quality")));
 
-    // The linked group shows the ticket's life as system entries.
-    let entries = sync_all(&dispatcher, &group, 0, 500).await;
-    let states: Vec<&str> = entries
-        .iter()
-        .filter(|e| e["body"]["event"] == "ticket_changed" || e["body"]["event"] == "ticket_linked")
-        .map(|e| e["body"]["state"].as_str().unwrap())
-        .collect();
+    // The linked group shows the ticket's life as system entries. The ticket's outbox writes
+    // them after the ticket's own change commits, so the last one may land a moment later.
+    let group_states = || async {
+        let entries = sync_all(&dispatcher, &group, 0, 500).await;
+        entries
+            .iter()
+            .filter(|e| e["body"]["event"] == "ticket_changed" || e["body"]["event"] == "ticket_linked")
+            .map(|e| e["body"]["state"].as_str().unwrap().to_string())
+            .collect::<Vec<String>>()
+    };
+    wait_until(Duration::from_secs(10), || async { group_states().await.last().map(String::as_str) == Some("closed") })
+        .await;
+    let states = group_states().await;
     assert_eq!(
         states,
         [
