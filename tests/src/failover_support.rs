@@ -438,6 +438,19 @@ pub async fn try_status(cluster: &Cluster, via: usize) -> Option<Value> {
     admin_get(cluster.node(via), "/v1/cluster").await.ok()
 }
 
+/// Whether node `via` sees every shard led and the shard leaderships spread evenly (no two
+/// members' counts differ by two or more), so that the controller moves no leader any more.
+pub async fn leaders_settled(cluster: &Cluster, via: usize) -> bool {
+    let Some(status) = try_status(cluster, via).await else { return false };
+    let mut leads: BTreeMap<String, usize> = cluster.nodes.iter().map(|n| (n.id().to_string(), 0)).collect();
+    for g in status["groups"].as_array().into_iter().flatten().filter(|g| g["group"] != "meta") {
+        let Some(leader) = g["leader"].as_str() else { return false };
+        *leads.entry(leader.to_string()).or_default() += 1;
+    }
+    let (min, max) = (leads.values().min().copied().unwrap_or(0), leads.values().max().copied().unwrap_or(0));
+    max < min + 2
+}
+
 /// Whether every node in `nodes` sees every node of the cluster up and the same leader for the shard of
 /// `group`.
 pub async fn healthy(cluster: &Cluster, nodes: &[usize], group: &str) -> bool {

@@ -604,6 +604,38 @@ async fn a_restarted_node_catches_up_by_snapshot() {
     }
 }
 
+/// A leadership moved on purpose is invisible to clients: a new cluster's first node leads every
+/// shard, and the controller hands leaderships to the others one at a time while clients open
+/// groups and send through all three nodes. A request that reaches the old leader as it hands
+/// over follows the new one, so no client is told anything but success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_over_a_new_cluster_without_a_client_seeing_an_error() {
+    const GROUPS: usize = 8;
+    const SENDERS: usize = 6;
+    let _serial = serial().await;
+    let cluster = Cluster::start(3, burst_options());
+    let owner = unique("own");
+    let users: Vec<String> = (0..SENDERS).map(|i| unique(&format!("s{i}"))).collect();
+    let groups: Vec<String> = (0..GROUPS).map(|i| unique(&format!("mv{i}"))).collect();
+    for (i, g) in groups.iter().enumerate() {
+        open_on(cluster.node(i % 3), &owner, g, &users).await;
+    }
+    let ledger = Ledger::new();
+    let stop = Stop::new();
+    let via: Vec<usize> = (0..SENDERS).map(|k| k % 3).collect();
+    let tasks = start_senders(&cluster, &via, &users, &groups, "mv", &ledger, &stop).await;
+    let settled = wait_until(Duration::from_secs(30), || leaders_settled(&cluster, 0)).await;
+    let base = ledger.ack_count();
+    let flowing = wait_until(Duration::from_secs(30), || async { ledger.ack_count() >= base + 200 }).await;
+    stop.stop();
+    let ends = join_senders(tasks).await;
+    assert!(settled, "the shard leaders did not spread: {}", cluster.status(0).await);
+    assert!(flowing, "the senders stalled; errors {:?}", ledger.errors());
+    assert!(ends.iter().all(Option::is_none), "senders ended with errors: {ends:?}");
+    assert!(ledger.errors().is_empty(), "clients were told of errors while leaders moved: {:?}", ledger.errors());
+    println!("leaders_spread: {} acks through the moves, no errors", ledger.ack_count());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_nodes_killed_at_once_lose_nothing() {
     const GROUPS: usize = 3;

@@ -44,20 +44,6 @@ fn no_faults(v: &Value) -> bool {
         && v["storage"]["stalled"] == false
 }
 
-/// Whether node `via` sees every shard led and the shard leaderships spread evenly (no two
-/// members' counts differ by two or more), so that the controller moves no leader any more.
-async fn leaders_settled(cluster: &Cluster, via: usize) -> bool {
-    let Some(status) = try_status(cluster, via).await else { return false };
-    let mut leads: std::collections::BTreeMap<String, usize> =
-        cluster.nodes.iter().map(|n| (n.id().to_string(), 0)).collect();
-    for g in status["groups"].as_array().into_iter().flatten().filter(|g| g["group"] != "meta") {
-        let Some(leader) = g["leader"].as_str() else { return false };
-        *leads.entry(leader.to_string()).or_default() += 1;
-    }
-    let (min, max) = (leads.values().min().copied().unwrap_or(0), leads.values().max().copied().unwrap_or(0));
-    max < min + 2
-}
-
 /// Waits until the shard leaderships have settled (see [`leaders_settled`]).
 async fn settle_leaders(cluster: &Cluster) {
     let settled = wait_until(Duration::from_secs(30), || leaders_settled(cluster, 0)).await;

@@ -185,14 +185,10 @@ impl Router {
         let deadline = Instant::now() + self.inner.leader_wait;
         loop {
             let failure = match self.target(group) {
+                // Leadership moved while the request was on its way (Raft may know before this
+                // host's leadership watch does), or the actor failed: try again, as for a remote.
                 Target::Local(host) => match op.clone().run(&host).await {
-                    // Leadership moved while the request was on its way: follow it.
-                    Err(r)
-                        if r.code == ErrorCode::Unavailable
-                            && !matches!(host.leadership(), Leadership::Leading { .. }) =>
-                    {
-                        r
-                    }
+                    Err(r) if r.code == ErrorCode::Unavailable => r,
                     other => return other,
                 },
                 Target::Remote(node) => match self.forward(node, op.clone()).await {

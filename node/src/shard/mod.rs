@@ -245,9 +245,30 @@ impl ShardHost {
         Ok(())
     }
 
-    /// As the leader: hands leadership to `to`.
+    /// As the leader: hands leadership to `to`, only if `to` answers this leader's replication.
+    /// openraft stops taking writes the moment a transfer begins and takes them again only
+    /// after an election, so handing over to a replica that cannot take over (one that does
+    /// not host the shard yet, or has gone) would cost the shard its writes for that long.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), String> {
-        self.raft.trigger().transfer_leader(to).await.map_err(|e| format!("{}: {e}", self.group))
+        let silence = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            let answered = m.heartbeat.as_ref().and_then(|h| h.get(&to)).and_then(Option::as_ref);
+            answered.map(|t| openraft::Instant::elapsed(&**t))
+        };
+        match silence {
+            Some(silence) if silence <= self.cut_off_after => {
+                self.raft.trigger().transfer_leader(to).await.map_err(|e| format!("{}: {e}", self.group))
+            }
+            Some(silence) => Err(format!(
+                "{}: {to:x} last answered this leader {} ms ago; not handing it the leadership",
+                self.group,
+                silence.as_millis()
+            )),
+            None => {
+                Err(format!("{}: {to:x} has never answered this leader; not handing it the leadership", self.group))
+            }
+        }
     }
 
     fn check_leading(&self) -> Result<(), Rejection> {
