@@ -1,15 +1,16 @@
 //! A peer that sends garbage: a ractor_cluster node in this test process (not a Convoy node:
 //! it only greets and then sends unreadable batches and requests) connects to a real node with
 //! the cluster's cookie. Each unreadable message is counted and dropped, an unreadable request
-//! gets a clear answer, and the node goes on serving its clients.
+//! gets a clear answer, a request to hand a shard's leadership to a node that cannot take it is
+//! refused, and the node goes on serving its clients.
 //!
 //! One test in this binary: ractor_cluster's registry is process-wide.
 
 use std::time::{Duration, Instant};
 
 use convoy_node::cluster::transport::{EndpointMsg, endpoint_group};
-use convoy_node::cluster::wire::{Batch, Call, CallReply, Envelope, Hello};
-use convoy_node::shard::NodeAddr;
+use convoy_node::cluster::wire::{Batch, Call, CallReply, Control, Envelope, Hello};
+use convoy_node::shard::{NodeAddr, RaftGroupId};
 use convoy_node::store::codec;
 use convoy_tests::*;
 use ractor::rpc::CallResult;
@@ -120,6 +121,25 @@ async fn a_peer_sending_garbage_is_answered_counted_and_harms_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(garbage_count(&node).await, before + 4.0, "three frames and one request, each counted once");
+
+    // Handing a shard's leadership to a node that has never answered its replication (the
+    // rogue is no replica at all) is refused: a leader takes no writes while it hands over.
+    for shard in 0..8 {
+        let group = RaftGroupId(shard);
+        let call = Call::Control(Control::TransferLeader { group, to: ROGUE });
+        let envelope = codec::encode(&Envelope { from: ROGUE, traceparent: None, body: call });
+        let answer = endpoint
+            .call(|reply| EndpointMsg::Call(envelope, reply), Some(Duration::from_secs(5)))
+            .await
+            .expect("the call went out");
+        let CallResult::Success(bytes) = answer else { panic!("no answer to a hand-over request for {group}") };
+        let reply: Envelope<CallReply> = codec::decode("answer", &bytes).expect("the answer is readable");
+        assert!(
+            matches!(&reply.body, CallReply::Failed(why) if why.contains("never answered")),
+            "answer to a hand-over of {group} to a node that is no replica: {:?}",
+            reply.body
+        );
+    }
 
     // The node still serves a client end to end.
     let client = connect(&node, &unique("after-garbage"), &["driver"]).await;
