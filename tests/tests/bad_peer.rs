@@ -53,6 +53,17 @@ impl Actor for RogueEndpoint {
     }
 }
 
+/// Sends `request` (the bytes of a call) to the node's endpoint and reads its answer.
+async fn ask(endpoint: &ActorRef<EndpointMsg>, request: Vec<u8>) -> CallReply {
+    let answer = endpoint
+        .call(|reply| EndpointMsg::Call(request, reply), Some(Duration::from_secs(5)))
+        .await
+        .expect("the call went out");
+    let CallResult::Success(bytes) = answer else { panic!("no answer to a request") };
+    let reply: Envelope<CallReply> = codec::decode("answer", &bytes).expect("the answer is readable");
+    reply.body
+}
+
 async fn garbage_count(node: &Node) -> f64 {
     let page = http::get(&format!("{}/metrics", node.admin_url())).await.expect("metrics");
     convoy_chaos::metrics::sum_metric(&page.body, "convoy_peer_garbage_total").unwrap_or(0.0)
@@ -103,16 +114,10 @@ async fn a_peer_sending_garbage_is_answered_counted_and_harms_nothing() {
     endpoint.cast(EndpointMsg::Frames(batch.into_bytes())).expect("cast");
 
     // An unreadable request gets an answer that says so.
-    let answer = endpoint
-        .call(|reply| EndpointMsg::Call(vec![0xde, 0xad], reply), Some(Duration::from_secs(5)))
-        .await
-        .expect("the call went out");
-    let CallResult::Success(bytes) = answer else { panic!("no answer to an unreadable request") };
-    let reply: Envelope<CallReply> = codec::decode("answer", &bytes).expect("the answer is readable");
+    let reply = ask(&endpoint, vec![0xde, 0xad]).await;
     assert!(
-        matches!(&reply.body, CallReply::Failed(why) if why.contains("unreadable request")),
-        "answer to garbage: {:?}",
-        reply.body
+        matches!(&reply, CallReply::Failed(why) if why.contains("unreadable request")),
+        "answer to garbage: {reply:?}"
     );
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -127,17 +132,10 @@ async fn a_peer_sending_garbage_is_answered_counted_and_harms_nothing() {
     for shard in 0..8 {
         let group = RaftGroupId(shard);
         let call = Call::Control(Control::TransferLeader { group, to: ROGUE });
-        let envelope = codec::encode(&Envelope { from: ROGUE, traceparent: None, body: call });
-        let answer = endpoint
-            .call(|reply| EndpointMsg::Call(envelope, reply), Some(Duration::from_secs(5)))
-            .await
-            .expect("the call went out");
-        let CallResult::Success(bytes) = answer else { panic!("no answer to a hand-over request for {group}") };
-        let reply: Envelope<CallReply> = codec::decode("answer", &bytes).expect("the answer is readable");
+        let reply = ask(&endpoint, codec::encode(&Envelope { from: ROGUE, traceparent: None, body: call })).await;
         assert!(
-            matches!(&reply.body, CallReply::Failed(why) if why.contains("never answered")),
-            "answer to a hand-over of {group} to a node that is no replica: {:?}",
-            reply.body
+            matches!(&reply, CallReply::Failed(why) if why.contains("never answered")),
+            "answer to a hand-over of {group} to a node that is no replica: {reply:?}"
         );
     }
 
