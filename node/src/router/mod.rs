@@ -187,8 +187,10 @@ impl Router {
             let failure = match self.target(group) {
                 // Leadership moved while the request was on its way (Raft may know before this
                 // host's leadership watch does), or the actor failed: try again, as for a remote.
+                // A leader cut off from the majority says so at once: its client does better
+                // on another node than waiting here.
                 Target::Local(host) => match op.clone().run(&host).await {
-                    Err(r) if r.code == ErrorCode::Unavailable => r,
+                    Err(r) if r.code == ErrorCode::Unavailable && host.cut_off_for().is_none() => r,
                     other => return other,
                 },
                 Target::Remote(node) => match self.forward(node, op.clone()).await {

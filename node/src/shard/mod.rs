@@ -276,14 +276,20 @@ impl ShardHost {
             Leadership::Leading { .. } => {}
             Leadership::Following { .. } => return Err(unavailable(format!("{} is not led here", self.group))),
         }
-        match self.quorum_silence() {
-            Some(silence) if silence > self.cut_off_after => Err(unavailable(format!(
+        match self.cut_off_for() {
+            Some(silence) => Err(unavailable(format!(
                 "{} is led here but no majority has answered for {} ms (this node may be cut off); retry",
                 self.group,
                 silence.as_millis()
             ))),
-            _ => Ok(()),
+            None => Ok(()),
         }
+    }
+
+    /// How long no majority has acknowledged this leader, once that is past the cut-off time
+    /// (this node is likely the one cut off); `None` before that, and for a single voter.
+    pub fn cut_off_for(&self) -> Option<Duration> {
+        self.quorum_silence().filter(|silence| *silence > self.cut_off_after)
     }
 
     /// How long since a majority last acknowledged this leader; `None` for a single voter.
