@@ -47,6 +47,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::either::Either;
 
 use self::frame::{Incoming, ReplyError, parse_incoming, reply_outcome};
 
@@ -73,6 +74,23 @@ pub struct ClientOptions {
     pub local_addr: Option<IpAddr>,
     /// Time allowed for TCP connect plus the WebSocket handshake.
     pub connect_timeout: Duration,
+    /// Whom to trust for `wss://` URLs (see [`tls_trusting`]); `wss://` needs it.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration that trusts the certificates in the PEM file `ca` (the CA
+/// that signed the nodes' client certificates, or a node's self-signed certificate).
+pub fn tls_trusting(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))? {
+        let cert = cert.map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no PEM certificate", ca.display()));
+    }
+    Ok(Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
 }
 
 impl Default for ClientOptions {
@@ -82,6 +100,7 @@ impl Default for ClientOptions {
             event_buffer: 4096,
             local_addr: None,
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -388,21 +407,25 @@ impl std::fmt::Debug for Client {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>>;
 
 impl Client {
     /// Opens a WebSocket connection to `url` (`ws://HOST:PORT/v1/ws`).
     ///
-    /// Only `ws://` is supported. The caller must send [`Client::hello`] next.
+    /// `wss://` needs [`ClientOptions::tls`]. The caller must send [`Client::hello`] next.
     pub async fn connect(url: &str, opts: ClientOptions) -> Result<Client, ClientError> {
         let connect_err = |reason: String| ClientError::Connect { url: url.to_string(), reason };
-        let fut = open_socket(url, opts.local_addr);
+        let fut = open_socket(url, opts.local_addr, opts.tls.clone());
         let ws = match tokio::time::timeout(opts.connect_timeout, fut).await {
             Ok(result) => result.map_err(connect_err)?,
             Err(_) => return Err(connect_err(format!("timed out after {:?}", opts.connect_timeout))),
         };
-        let peer = ws.get_ref().peer_addr().map_err(|e| connect_err(e.to_string()))?;
-        let local = ws.get_ref().local_addr().map_err(|e| connect_err(e.to_string()))?;
+        let tcp = match ws.get_ref() {
+            Either::Left(tcp) => tcp,
+            Either::Right(tls) => tls.get_ref().0,
+        };
+        let peer = tcp.peer_addr().map_err(|e| connect_err(e.to_string()))?;
+        let local = tcp.local_addr().map_err(|e| connect_err(e.to_string()))?;
         Ok(Self::start(ws, opts, peer, local))
     }
 
@@ -668,18 +691,23 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// Resolves `url`, opens a TCP socket (bound to `local_addr` if given) and runs the WebSocket
-/// handshake.
-async fn open_socket(url: &str, local_addr: Option<IpAddr>) -> Result<Ws, String> {
+/// Resolves `url`, opens a TCP socket (bound to `local_addr` if given), runs the TLS
+/// handshake for `wss://` and then the WebSocket handshake.
+async fn open_socket(
+    url: &str,
+    local_addr: Option<IpAddr>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Ws, String> {
     let request = url.into_client_request().map_err(|e| format!("invalid URL: {e}"))?;
     let uri = request.uri();
-    match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => return Err("wss:// is not supported by this client; use ws://".into()),
-        other => return Err(format!("unsupported scheme {other:?}; expected ws://HOST:PORT/v1/ws")),
-    }
+    let (tls, default_port) = match (uri.scheme_str(), tls) {
+        (Some("ws"), _) => (None, 80),
+        (Some("wss"), Some(tls)) => (Some(tls), 443),
+        (Some("wss"), None) => return Err("wss:// needs a CA to trust (--tls-ca)".into()),
+        (other, _) => return Err(format!("unsupported scheme {other:?}; expected ws://HOST:PORT/v1/ws")),
+    };
     let host = uri.host().ok_or("URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(default_port);
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -697,13 +725,22 @@ async fn open_socket(url: &str, local_addr: Option<IpAddr>) -> Result<Ws, String
     }
     let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
+    let stream = match tls {
+        None => Either::Left(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{host} cannot be checked against a certificate: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await;
+            Either::Right(tls.map_err(|e| format!("TLS handshake failed: {e}"))?)
+        }
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(MAX_INCOMING_MESSAGE))
         .max_frame_size(Some(MAX_INCOMING_MESSAGE));
-    let (ws, _response) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
+    let (ws, _response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
         .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
     Ok(ws)

@@ -115,6 +115,9 @@ fn cluster(c: &ClusterConfig) -> Check {
     cert_and_key("cluster", &c.tls_cert, &c.tls_key)?;
     ensure(c.tls_cert.is_none() || c.tls_ca.is_some(), "cluster.tls_ca", "(not set)", || {
         "must be set when cluster.tls_cert is set: peers are verified against this CA bundle".into()
+    })?;
+    ensure(c.tls_ca.is_none() || c.tls_cert.is_some(), "cluster.tls_cert", "(not set)", || {
+        "must be set when cluster.tls_ca is set: node-to-node TLS needs the node's certificate and key too".into()
     })
 }
 

@@ -381,6 +381,7 @@ fn each_rule_names_its_key() {
         ("[cluster]\ntls_cert = \"c.pem\"\ntls_ca = \"ca.pem\"", "cluster.tls_key"),
         ("[cluster]\ntls_key = \"k.pem\"", "cluster.tls_cert"),
         ("[cluster]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"", "cluster.tls_ca"),
+        ("[cluster]\ntls_ca = \"ca.pem\"", "cluster.tls_cert"),
         ("[raft]\nheartbeat_interval = \"5ms\"", "raft.heartbeat_interval"),
         ("[raft]\nelection_timeout_min = \"100ms\"", "raft.election_timeout_min"),
         ("[raft]\nelection_timeout_max = \"300ms\"", "raft.election_timeout_max"),

@@ -6,8 +6,8 @@
 //! - [`entity`]: actors for the active entities of the shards this node leads.
 //! - [`store`]: the storage engine and its single writer (group commit).
 //!
-//! Around them: [`admin`] (health, readiness, metrics), [`telemetry`], [`node`] (start
-//! and shutdown), [`cli`]. The domain itself lives in `convoy-actors`; nothing here
+//! Around them: [`admin`] (health, readiness, metrics), [`telemetry`], [`tls`], [`node`]
+//! (start and shutdown), [`cli`]. The domain itself lives in `convoy-actors`; nothing here
 //! knows what a ticket is.
 
 pub mod admin;
@@ -20,4 +20,5 @@ pub mod router;
 pub mod shard;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;

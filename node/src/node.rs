@@ -25,7 +25,6 @@ use crate::cluster::peers::{self, PeerSettings};
 use crate::cluster::presence::Presence;
 use crate::cluster::raft_net::PeerRaft;
 use crate::cluster::shards::{ShardResources, Shards};
-use crate::cluster::tls::ClusterTls;
 use crate::cluster::transport::{PeerEvent, Transport};
 use crate::cluster::view::ClusterView;
 use crate::cluster::wire::{GroupReport, Hello};
@@ -34,6 +33,7 @@ use crate::gateway::{self, Gateway, GatewayLimits, auth::TokenKeys, hub::Hub};
 use crate::router::Router;
 use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings};
 use crate::store::{Durability, Store, StoreError, WriterLimits, keys};
+use crate::tls::ClusterTls;
 use crate::webhook::WebhookSender;
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +212,14 @@ pub async fn run(
     };
     let (store, writer_thread) = Store::open(&data_dir.join("db"), cfg.storage.cache_capacity_bytes, limits)?;
     let node_id = identity(&store, &cfg.node.id, &data_dir).await?;
-    let client_url = format!("ws://{}/v1/ws", cfg.client.listen);
+    let client_tls = match (&cfg.client.tls_cert, &cfg.client.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::client_acceptor(cert, key).map_err(|e| NodeError::Start("client TLS".into(), e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let scheme = if client_tls.is_some() { "wss" } else { "ws" };
+    let client_url = format!("{scheme}://{}/v1/ws", cfg.client.listen);
     let admin_url = format!("http://{}", cfg.admin.listen);
     let addr = NodeAddr {
         name: cfg.node.id.clone(),
@@ -351,7 +358,7 @@ pub async fn run(
         keys,
         shutdown_rx.clone(),
     ));
-    let gateway_task = tokio::spawn(gw.clone().serve(client_listener));
+    let gateway_task = tokio::spawn(gw.clone().serve(client_listener, client_tls));
 
     wait_until_serving(&router, &cluster_state, node_id).await;
     let _ = phase_tx.send(Phase::Ready);

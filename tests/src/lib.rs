@@ -21,6 +21,7 @@ pub mod failover_support;
 pub mod http;
 pub mod node;
 pub mod otlp;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -155,6 +155,7 @@ impl Node {
         let config_path = dir.path().join("convoy.toml");
         let log_path = dir.path().join("convoy.log");
         let Ports { client, admin, cluster } = ports;
+        let scheme = if opts.overrides.contains_key("client.tls_cert") { "wss" } else { "ws" };
 
         let mut config = toml::Table::new();
         set_key(&mut config, "node.id", opts.id.clone().into());
@@ -180,7 +181,7 @@ impl Node {
             data_dir,
             secret,
             id: opts.id,
-            client_url: format!("ws://127.0.0.1:{client}/v1/ws"),
+            client_url: format!("{scheme}://127.0.0.1:{client}/v1/ws"),
             admin_url: format!("http://127.0.0.1:{admin}"),
             cluster_addr: format!("127.0.0.1:{cluster}"),
             child: None,

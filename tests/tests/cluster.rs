@@ -85,66 +85,14 @@ async fn clients_on_any_node_share_one_system() {
     );
 }
 
-/// Generates a CA and a certificate for 127.0.0.1 signed by it, with the openssl CLI.
-fn tls_material(dir: &std::path::Path) -> (String, String, String) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=convoy-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        "-subj",
-        "/CN=convoy-node",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "node.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let path = |f: &str| dir.join(f).display().to_string();
-    (path("node.pem"), path("node.key"), path("ca.pem"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_talk_over_tls_and_refuse_plain_peers() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca) = tls_material(dir.path());
-    let tls = NodeOptions::new().set("cluster.tls_cert", cert).set("cluster.tls_key", key).set("cluster.tls_ca", ca);
+    let files = tls::material(dir.path());
+    let tls = NodeOptions::new()
+        .set("cluster.tls_cert", files.cert)
+        .set("cluster.tls_key", files.key)
+        .set("cluster.tls_ca", files.ca);
     let cluster = Cluster::start(3, tls);
     let g = unique("tls");
     let a = connect(cluster.node(0), &unique("a"), &["dispatcher"]).await;

@@ -405,3 +405,52 @@ async fn inbox_reads_and_receipts() {
     assert_eq!(item.last_seq, last + 1);
     assert_eq!(item.unread, last + 1 - read_to);
 }
+
+/// With `client.tls_cert` and `tls_key` set, the node serves `wss://` (its ready line says so)
+/// and nothing else: a plain `ws://` client and a client that does not trust the certificate
+/// both fail before `hello`, and the node goes on serving the trusting client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_client_certificate_serves_wss_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tls::material(dir.path());
+    let node = Node::start(NodeOptions::new().set("client.tls_cert", files.cert).set("client.tls_key", files.key));
+    assert!(
+        node.client_url().starts_with("wss://"),
+        "the harness checked the ready line against {}",
+        node.client_url()
+    );
+    let trusting = ClientOptions {
+        tls: Some(convoy_chaos::client::tls_trusting(std::path::Path::new(&files.ca)).unwrap()),
+        ..ClientOptions::default()
+    };
+
+    let user = unique("tls");
+    let client = Client::connect(node.client_url(), trusting.clone()).await.expect("connecting over wss");
+    client.hello(&token(&node, &user, &["dispatcher"]), "web").await.expect("hello over wss");
+    let group = unique("g");
+    open_group(&client, &group, vec![]).await;
+    let sent = client.msg_send(&group, "m1", text("over TLS"), false).await.expect("a send over wss");
+    let page = client.msg_sync(&group, 0, 10).await.unwrap();
+    assert_eq!(page.last_seq, sent.seq);
+    assert_eq!(page.messages.last().unwrap()["body"]["text"], "over TLS");
+
+    let quick = ClientOptions { connect_timeout: Duration::from_secs(5), ..ClientOptions::default() };
+    let plain = node.client_url().replacen("wss://", "ws://", 1);
+    let refused = Client::connect(&plain, quick.clone()).await;
+    assert!(refused.is_err(), "a plain ws:// client of a TLS node got through: {refused:?}");
+
+    let other = tempfile::tempdir().unwrap();
+    let stranger_ca = tls::material(other.path()).ca;
+    let untrusting = ClientOptions {
+        tls: Some(convoy_chaos::client::tls_trusting(std::path::Path::new(&stranger_ca)).unwrap()),
+        ..quick
+    };
+    let refused = Client::connect(node.client_url(), untrusting).await;
+    let Err(ClientError::Connect { reason, .. }) = &refused else {
+        panic!("an untrusted certificate was accepted: {refused:?}")
+    };
+    assert!(reason.contains("TLS handshake failed"), "{reason}");
+
+    let again = client.msg_send(&group, "m2", text("still serving"), false).await.expect("the node still serves");
+    assert_eq!(again.seq, sent.seq + 1);
+}

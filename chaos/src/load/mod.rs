@@ -81,6 +81,10 @@ pub struct LoadArgs {
     #[arg(long, env = "CONVOY_AUTH_SECRET", hide_env_values = true, value_name = "SECRET")]
     pub secret: String,
 
+    /// PEM file of the CA (or self-signed certificate) to trust for wss:// URLs
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Number of connections, one user each
     #[arg(long, short = 'c', default_value_t = 128, value_name = "N")]
     pub connections: usize,
@@ -177,6 +181,8 @@ pub struct LoadConfig {
     pub run_id: String,
     pub request_timeout: Duration,
     pub connect_concurrency: usize,
+    /// Whom to trust for wss:// URLs.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Draw progress bars and the live line (on a terminal) or print plain lines (otherwise).
     pub progress: bool,
 }
@@ -199,10 +205,17 @@ impl LoadConfig {
             return Err("give at least one --url".into());
         }
         for url in &args.urls {
-            if !url.starts_with("ws://") {
-                return Err(format!("--url {url}: expected ws://HOST:PORT/v1/ws"));
+            if url.starts_with("wss://") && args.tls_ca.is_none() {
+                return Err(format!("--url {url}: a wss:// URL needs --tls-ca FILE, the CA to trust"));
+            }
+            if !url.starts_with("ws://") && !url.starts_with("wss://") {
+                return Err(format!("--url {url}: expected ws://HOST:PORT/v1/ws or wss://HOST:PORT/v1/ws"));
             }
         }
+        let tls = match &args.tls_ca {
+            Some(ca) => Some(crate::client::tls_trusting(ca).map_err(|e| format!("--tls-ca: {e}"))?),
+            None => None,
+        };
         if args.secret.is_empty() {
             return Err("--secret (or CONVOY_AUTH_SECRET) must not be empty".into());
         }
@@ -265,6 +278,7 @@ impl LoadConfig {
             run_id,
             request_timeout: args.request_timeout,
             connect_concurrency: args.connect_concurrency,
+            tls,
             progress: !args.quiet,
         })
     }
@@ -607,7 +621,7 @@ fn sample_rss(pid: u32, ui: &Ui) -> Option<u64> {
 /// Connects and says hello on every connection, `connect_concurrency` at a time.
 async fn connect_all(cfg: &LoadConfig, plan: &Plan, ui: &Ui) -> (Vec<Option<Client>>, ErrorTally) {
     let bar = ui.bar(cfg.connections, "connecting");
-    let opts = ClientOptions { request_timeout: cfg.request_timeout, ..ClientOptions::default() };
+    let opts = ClientOptions { request_timeout: cfg.request_timeout, tls: cfg.tls.clone(), ..ClientOptions::default() };
     let mut clients: Vec<Option<Client>> = vec![None; cfg.connections];
     let mut errors = ErrorTally::default();
     let mut results = futures::stream::iter(0..cfg.connections)

@@ -10,7 +10,6 @@ pub mod peers;
 pub mod presence;
 pub mod raft_net;
 pub mod shards;
-pub mod tls;
 pub mod transport;
 pub mod view;
 pub mod wire;

@@ -41,11 +41,11 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
 use super::faults::PeerFaults;
-use super::tls::{ClusterTls, server_name};
 use super::wire::{Batch, Call, CallReply, Cast, Envelope, Frame, FrameRef, Hello, MAX_MESSAGE_BYTES};
 use crate::shard::NodeId;
 use crate::store::codec;
 use crate::telemetry::trace;
+use crate::tls::{ClusterTls, server_name};
 
 /// The process group a node's endpoint joins.
 pub fn endpoint_group(node: NodeId) -> String {

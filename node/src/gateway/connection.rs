@@ -17,7 +17,6 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -28,7 +27,7 @@ use tracing::Instrument;
 
 use super::hub::Registration;
 use super::sessions::SessionGuard;
-use super::{Gateway, frame};
+use super::{ClientStream, Gateway, frame};
 use crate::cluster::presence::ANNOUNCE_TIMEOUT;
 use crate::telemetry::trace::{self, TARGET as TRACE};
 
@@ -70,7 +69,7 @@ fn unix_to_instant(unix_secs: u64) -> Instant {
 
 type Outcome = (String, Result<convoy_actors::domain::Reply, Rejection>);
 
-pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: SocketAddr) {
+pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: SocketAddr) {
     let limits = &gw.limits;
     let (mut sink, mut stream) = ws.split();
     let (frames_tx, mut frames_rx) = mpsc::channel::<Utf8Bytes>(limits.outbound_queue);
@@ -255,7 +254,7 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, gw: Arc<Gateway>, peer: Socke
     tracing::debug!(%peer, user = ?session.as_ref().map(|s| s.principal.user.to_string()), "connection closed");
 }
 
-type WsSink = futures::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+type WsSink = futures::stream::SplitSink<WebSocketStream<ClientStream>, Message>;
 
 /// Queues a frame in the write buffer; false if the connection is done for.
 async fn feed(sink: &mut WsSink, text: Utf8Bytes) -> bool {

@@ -14,11 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use convoy_actors::domain::DomainConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::either::Either;
 
 use crate::router::Router;
 
@@ -37,6 +39,9 @@ pub struct GatewayLimits {
     pub pong_timeout: Duration,
     pub request_timeout: Duration,
 }
+
+/// A client's socket: plain TCP, or TLS when the node has a client certificate.
+pub type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// Read buffer per connection: tungstenite's default (128 KiB, allocated up front) would
 /// cost ~90 KB per idle socket.
@@ -110,8 +115,8 @@ impl Gateway {
             .max_frame_size(Some(self.limits.max_frame_bytes))
     }
 
-    /// Accepts connections until shutdown.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts connections until shutdown; over TLS (`wss://`) when given an acceptor.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         let slots = self.slots.clone();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -129,22 +134,33 @@ impl Gateway {
             };
             let _ = tcp.set_nodelay(true);
             let gw = self.clone();
+            let tls = tls.clone();
             let slot = slots.clone().try_acquire_owned().ok();
             tokio::spawn(async move {
                 let full = slot.is_none();
                 if full {
                     metrics::counter!("convoy_limit_hits_total", "limit" => "max_connections").increment(1);
                 }
+                let config = gw.ws_config();
                 #[allow(clippy::result_large_err)]
-                let ws = tokio_tungstenite::accept_hdr_async_with_config(
-                    tcp,
-                    |req: &Request, resp: Response| check_upgrade(req, resp, full),
-                    Some(gw.ws_config()),
-                );
-                match tokio::time::timeout(gw.limits.hello_timeout, ws).await {
+                let upgrade = async move {
+                    let stream = match tls {
+                        Some(tls) => Either::Right(tls.accept(tcp).await.map_err(|e| format!("TLS handshake: {e}"))?),
+                        None => Either::Left(tcp),
+                    };
+                    tokio_tungstenite::accept_hdr_async_with_config(
+                        stream,
+                        |req: &Request, resp: Response| check_upgrade(req, resp, full),
+                        Some(config),
+                    )
+                    .await
+                    .map_err(|e| format!("websocket upgrade: {e}"))
+                };
+                // The TLS handshake and the upgrade count against the time to say hello.
+                match tokio::time::timeout(gw.limits.hello_timeout, upgrade).await {
                     Ok(Ok(ws)) => connection::serve(ws, gw, peer).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
-                    Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "client connection failed before hello"),
+                    Err(_) => tracing::debug!(%peer, "client connection timed out before the websocket upgrade"),
                 }
                 drop(slot);
             });
