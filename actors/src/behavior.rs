@@ -146,8 +146,18 @@ pub fn handle<R: Runtime>(key: &EntityKey, state: Option<&EntityState>, req: Req
 }
 
 fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: GroupCommand, rt: &R) -> Handling {
-    if let Err(r) = GroupState::check(state, &cmd) {
-        return Handling::Done(Err(r));
+    if let Err(refused) = GroupState::check(state, &cmd) {
+        // A retry of a message sent before the group closed or the sender left still gets
+        // its seq back; anything else refused here is refused without a write.
+        if let (Some(_), GroupCommand::Send(send)) = (state, &cmd)
+            && matches!(refused.code, ErrorCode::Conflict | ErrorCode::Forbidden)
+        {
+            let sent_before =
+                Query::SentBefore { sender: send.from.user.clone(), client_msg_id: send.client_msg_id.clone() };
+            let reply = rt.query(EntityKey::Group(id.clone()), sent_before);
+            return Handling::Task(Box::pin(async move { reply.await.map_err(|_| refused) }));
+        }
+        return Handling::Done(Err(refused));
     }
     let key = EntityKey::Group(id.clone());
     if let GroupCommand::Fire(GroupTimer::Outbox(lane)) = cmd {

@@ -362,6 +362,12 @@ pub enum Query {
     InboxItem {
         user: UserId,
     },
+    /// The seq of a message `sender` sent with `client_msg_id`, as a duplicate `Sent` reply.
+    /// Asked by the group itself for a retry that its checks for new messages refuse.
+    SentBefore {
+        sender: UserId,
+        client_msg_id: ClientMsgId,
+    },
     InboxGroups {
         caller: crate::Caller,
     },
@@ -573,7 +579,7 @@ pub fn query(
     key: &EntityKey,
     state: Option<&EntityState>,
     q: Query,
-    log: &impl LogReader,
+    log: &(impl LogReader + LogIndex),
 ) -> Result<Result<Reply, Rejection>, StorageFault> {
     let group = match state {
         Some(EntityState::Group(g)) => Some(g),
@@ -598,6 +604,12 @@ pub fn query(
                 }
                 Ok(Reply::Receipts(g.receipts(seq, None)))
             })
+        }
+        (EntityKey::Group(_), Query::SentBefore { sender, client_msg_id }) => {
+            match log.find_idempotent(key, &client_msg_key(&sender, &client_msg_id))? {
+                Some((seq, ts)) => Ok(Reply::Sent { seq, ts, duplicate: true }),
+                None => Err(Rejection::not_found("no message with this client_msg_id from this sender")),
+            }
         }
         (EntityKey::Group(id), Query::InboxItem { user }) => Ok(Reply::InboxItem(
             group.and_then(|g| g.inbox_item(&user)).map(|item| InboxLine { group: id.clone(), item }),

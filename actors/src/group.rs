@@ -484,7 +484,7 @@ impl GroupState {
                 if !s.members.contains_key(user) {
                     return Err(not_a_member());
                 }
-                Ok(())
+                s.open_check()
             }
             GroupCommand::Close { by, .. } => s.manager_check(by),
             GroupCommand::Send(send) => {
@@ -532,6 +532,13 @@ impl GroupState {
         at: Timestamp,
         log: &impl GroupLog,
     ) -> Result<GroupApplied, StorageFault> {
+        // A message stays sent: its retry answers with its seq even after the group closed or
+        // the sender left (the rest of `check` is for new messages).
+        if let (Some(_), GroupCommand::Send(send)) = (state.as_ref(), &cmd)
+            && let Some((seq, ts)) = log.find_client_msg(&send.from.user, &send.client_msg_id)?
+        {
+            return Ok(Applied::unchanged(GroupReply::Sent { seq, ts, duplicate: true }));
+        }
         if let Err(rejection) = Self::check(state.as_ref(), &cmd) {
             return Ok(Applied::rejected(rejection));
         }
@@ -594,16 +601,12 @@ impl GroupState {
                     &SystemEvent::GroupClosed { resolution: resolution.clone(), by: by.user },
                     &mut effects,
                 );
+                // Receipt watches stay: a message still unread when its time is up gets its
+                // `receipt_overdue` entry and webhook even in a closed group.
                 s.lifecycle = Lifecycle::Closed { resolution };
-                for seq in std::mem::take(&mut s.receipt_watches).into_keys() {
-                    effects.push(GroupEffect::TimerCleared { timer: GroupTimer::ReceiptOverdue { seq } });
-                }
                 GroupReply::Updated { changed: true }
             }
             GroupCommand::Send(send) => {
-                if let Some((seq, ts)) = log.find_client_msg(&send.from.user, &send.client_msg_id)? {
-                    return Ok(Applied::unchanged(GroupReply::Sent { seq, ts, duplicate: true }));
-                }
                 let sender = send.from.user;
                 let entry = s.append(sender.clone(), at, Some(send.client_msg_id), send.body, send.require_receipt);
                 let seq = entry.seq;

@@ -273,13 +273,17 @@ async fn only_members_and_admins_reach_a_group() {
     // A removed member loses access.
     let bc = connect(&node, &b, &["driver"]).await;
     bc.msg_sync(&g, 0, 10).await.expect("member msg.sync");
+    let sent_by_b = bc.msg_send(&g, "b-while-member", text("from b"), false).await.expect("a send by a member");
     ac.request("group.remove", json!({ "group": g, "user": b })).await.expect("group.remove");
     for (op, args) in group_ops(&g, &a) {
         let code = server_code(bc.request(op, args).await, &format!("{op} by a removed member"));
         assert_eq!(code, "forbidden", "{op} by a removed member");
     }
+    // What b sent while a member keeps its seq: a retry of it still answers with it.
+    let retried = bc.msg_send(&g, "b-while-member", text("from b"), false).await.expect("a retry by a removed member");
+    assert_eq!((retried.seq, retried.duplicate), (sent_by_b.seq, true));
     let info = ac.group_info(&g).await.unwrap();
-    assert_eq!(info.last_seq, last + 1, "only the removal was appended");
+    assert_eq!(info.last_seq, last + 2, "only b's message and the removal were appended");
     assert!(!info.members.iter().any(|m| m.user == b));
 }
 
@@ -299,11 +303,12 @@ async fn a_closed_group_keeps_history_and_refuses_messages() {
         let r = client.msg_send(&g, cmid, text("too late"), false).await;
         assert_eq!(server_code(r, &format!("msg.send by the {who} to a closed group")), "conflict");
     }
-    // A retry of a message sent before closing still answers with its seq or is refused, never appends.
-    match ac.msg_send(&g, "before-close", text("kept"), false).await {
-        Ok(s) => assert_eq!((s.seq, s.duplicate), (kept.seq, true)),
-        Err(e) => assert_eq!(e.code(), "conflict"),
-    }
+    // A retry of a message sent before closing still answers with its seq, and appends nothing.
+    let retried = ac.msg_send(&g, "before-close", text("kept"), false).await.expect("a retry after closing");
+    assert_eq!((retried.seq, retried.duplicate), (kept.seq, true));
+    // Membership is frozen: nobody leaves a closed group.
+    let left = bc.request("group.leave", json!({ "group": g })).await;
+    assert_eq!(server_code(left, "group.leave of a closed group"), "conflict");
     let info = bc.group_info(&g).await.unwrap();
     assert_eq!(info.state, "closed");
     assert_eq!(info.last_seq, last, "a closed group appended something");

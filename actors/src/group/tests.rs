@@ -160,6 +160,24 @@ fn only_managers_change_membership_and_closed_groups_refuse_messages() {
     assert_eq!(h.run(close).reply, Ok(GroupReply::Updated { changed: false }));
     assert_eq!(h.send("driver", "late").unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(h.state().info().state, GroupStatus::Closed);
+    let leave = h.run(GroupCommand::Leave { user: u("driver") });
+    assert_eq!(leave.reply.unwrap_err().code, ErrorCode::Conflict);
+    assert!(h.state().members.contains_key(&u("driver")), "a closed group's members stay");
+}
+
+#[test]
+fn a_sent_message_keeps_its_seq_for_retries_after_the_group_closed_or_the_sender_left() {
+    let mut h = Harness::opened(&[("driver", MemberRole::Driver), ("agent", MemberRole::Agent)]);
+    let Ok(GroupReply::Sent { seq: by_driver, ts: driver_ts, .. }) = h.send("driver", "d1") else { panic!() };
+    let Ok(GroupReply::Sent { seq: by_agent, ts: agent_ts, .. }) = h.send("agent", "a1") else { panic!() };
+    h.run(GroupCommand::Remove { by: caller("owner"), user: u("driver") }).reply.unwrap();
+    let last = h.state().last_seq;
+    assert_eq!(h.send("driver", "d1"), Ok(GroupReply::Sent { seq: by_driver, ts: driver_ts, duplicate: true }));
+    assert_eq!(h.send("driver", "d2").unwrap_err().code, ErrorCode::Forbidden);
+    h.run(GroupCommand::Close { by: caller("agent"), resolution: "done".into() }).reply.unwrap();
+    assert_eq!(h.send("agent", "a1"), Ok(GroupReply::Sent { seq: by_agent, ts: agent_ts, duplicate: true }));
+    assert_eq!(h.send("agent", "a2").unwrap_err().code, ErrorCode::Conflict);
+    assert_eq!(h.state().last_seq, last + 1, "only the closing entry was appended");
 }
 
 #[test]
@@ -232,6 +250,18 @@ fn receipt_watch_fires_once_and_only_when_due() {
     // Fired again (e.g. by a new leader): nothing more.
     let again = h.run(GroupCommand::Fire(timer));
     assert!(!again.state_changed && again.effects.is_empty());
+}
+
+#[test]
+fn receipt_watch_outlives_closing_the_group() {
+    let mut h = Harness::opened(&[("driver", MemberRole::Driver)]);
+    let GroupReply::Sent { seq, .. } = h.run(send_cmd("owner", "r1", true)).reply.unwrap() else { panic!() };
+    let closed = h.run(GroupCommand::Close { by: caller("owner"), resolution: "done".into() });
+    assert!(!closed.effects.iter().any(|e| matches!(e, GroupEffect::TimerCleared { .. })), "{:?}", closed.effects);
+    h.now += 1_000;
+    let fired = h.run(GroupCommand::Fire(GroupTimer::ReceiptOverdue { seq }));
+    assert!(fired.effects.contains(&GroupEffect::ReceiptOverdue { seq, pending: vec![u("driver")] }));
+    assert!(h.log.entries.borrow().last().unwrap().body.json.contains(r#""event":"receipt_overdue""#));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use convoy_actors::domain::{EntityState, LogReader, Timer, TimerChange};
+use convoy_actors::domain::{EntityState, LogIndex, LogReader, Timer, TimerChange};
 use convoy_actors::group::Entry as LogEntry;
 use convoy_actors::{EntityKey, StorageFault, Timestamp};
 use lru::LruCache;
@@ -110,10 +110,6 @@ impl ShardData {
         Ok(self.store.get::<EntityState>("entity state", &keys::state(self.group, key))?.map(Arc::new))
     }
 
-    pub fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
-        self.store.get("idempotency record", &keys::idempotency(self.group, key, idem)).map_err(fault)
-    }
-
     /// Makes states written by the state machine visible to readers.
     pub(super) fn publish(&self, states: impl Iterator<Item = (EntityKey, Option<Arc<EntityState>>)>) {
         let mut cache = self.cache.lock();
@@ -181,6 +177,12 @@ impl ShardData {
         if let Some(sink) = self.sink.read().as_ref() {
             sink.applied(effects);
         }
+    }
+}
+
+impl LogIndex for ShardData {
+    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+        self.store.get("idempotency record", &keys::idempotency(self.group, key, idem)).map_err(fault)
     }
 }
 
