@@ -174,6 +174,9 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
             // Inboxes list the group before the group admits anyone, so a member's inbox
             // always names it (see user.rs).
             let joining = group::joining_users(&cmd);
+            let members = state.map(|s| &s.members);
+            let newcomers: Vec<UserId> =
+                joining.iter().filter(|u| !members.is_some_and(|m| m.contains_key(*u))).cloned().collect();
             let rt = rt.clone();
             let group = id.clone();
             Handling::Task(Box::pin(async move {
@@ -183,10 +186,30 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
                     let reply = rt.request(EntityKey::User(user.clone()), Request::User(join));
                     async move { reply.await.map_err(|r| Rejection { message: format!("{user}: {}", r.message), ..r }) }
                 });
-                for joined in futures::future::join_all(joins).await {
-                    joined?;
+                let mut listed = Vec::new();
+                let mut refused = None;
+                for (user, joined) in joining.iter().zip(futures::future::join_all(joins).await) {
+                    match joined {
+                        Ok(_) => listed.push(user),
+                        Err(r) => drop(refused.get_or_insert(r)),
+                    }
                 }
-                rt.propose(key, Command::Group(cmd)).await
+                let outcome = match refused {
+                    Some(r) => Err(r),
+                    None => rt.propose(key, Command::Group(cmd)).await,
+                };
+                // The group admitted nobody: take it out of the inboxes it was put in for
+                // this request, or it would count against their group limit for good. Not
+                // after `unavailable` or `internal`: the group may have admitted them.
+                if let Err(r) = &outcome
+                    && !matches!(r.code, ErrorCode::Unavailable | ErrorCode::Internal)
+                {
+                    let forgets = listed.into_iter().filter(|u| newcomers.contains(u)).map(|user| {
+                        rt.request(EntityKey::User(user.clone()), Request::User(UserCommand::Forget { group: group.clone() }))
+                    });
+                    let _ = futures::future::join_all(forgets).await;
+                }
+                outcome
             }))
         }
         GroupCommand::Remove { ref user, .. } | GroupCommand::Leave { ref user } => {

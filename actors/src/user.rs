@@ -3,7 +3,8 @@
 //! Group membership is decided by the group; the inbox is an index over it, kept on the
 //! user's own shard. The runtime adds a group to the inbox *before* the group admits the
 //! member, and removes it *after* the group lets them go, so a member's inbox always lists
-//! the group. An inbox may briefly name a group the user is not in; readers filter those.
+//! the group. An inbox may briefly name a group the user is not in (one being opened, or
+//! one whose opening was refused until the runtime takes it out again); readers filter those.
 
 use std::collections::BTreeSet;
 

@@ -459,6 +459,20 @@ async fn content_limits_are_enforced() {
         .expect("invite after the user left a group");
     assert_eq!(bc.inbox_sync().await.unwrap().len(), MAX_GROUPS);
 
+    // An open refused because one listed user is at the limit lists the group in nobody's
+    // inbox: the others can still join as many groups as the limit allows.
+    let victim = unique("victim");
+    for i in 1..MAX_GROUPS {
+        let opener = connect(&node, &unique(&format!("vop{i}")), &["dispatcher"]).await;
+        open_group(&opener, &unique("victims"), drivers(&[&victim])).await;
+    }
+    let r = late_opener.group_open(&GroupOpen::chat(unique("refused"), drivers(&[&victim, &busy]))).await;
+    assert_eq!(server_code(r, "group.open listing a user at the group limit"), "conflict");
+    let last_one = unique("last-one");
+    open_group(&late_opener, &last_one, drivers(&[&victim])).await;
+    let vc = connect(&node, &victim, &["driver"]).await;
+    assert_eq!(vc.inbox_sync().await.unwrap().len(), MAX_GROUPS);
+
     // Every refusal above is counted under the limit that refused it.
     let body = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
     for limit in ["max_text_chars", "max_members_per_group", "max_groups_per_user"] {
