@@ -205,7 +205,10 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
                     && !matches!(r.code, ErrorCode::Unavailable | ErrorCode::Internal)
                 {
                     let forgets = listed.into_iter().filter(|u| newcomers.contains(u)).map(|user| {
-                        rt.request(EntityKey::User(user.clone()), Request::User(UserCommand::Forget { group: group.clone() }))
+                        rt.request(
+                            EntityKey::User(user.clone()),
+                            Request::User(UserCommand::Forget { group: group.clone() }),
+                        )
                     });
                     let _ = futures::future::join_all(forgets).await;
                 }

@@ -406,7 +406,7 @@ pub trait LogReader {
 }
 
 /// The idempotency key of a client message: (sender, client_msg_id) within its group.
-/// `/` is outside the id grammar, so the two parts cannot run into each other.
+/// A user id has no `/`, so the first `/` ends it whatever the client_msg_id holds.
 pub fn client_msg_key(sender: &UserId, id: &ClientMsgId) -> String {
     format!("{sender}/{id}")
 }

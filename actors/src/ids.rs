@@ -1,6 +1,7 @@
 //! Validated identifiers. An id that exists has passed validation: code that holds a
 //! `GroupId` never re-checks it, and storage keys can use `0x00` as a separator because no
-//! id contains it.
+//! id contains it. The one exception is `ClientMsgId`: the protocol lets it be any 1..64
+//! characters, so it only ever ends a key, after the sender's id and a `/`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,8 +30,20 @@ pub fn validate_id(what: &'static str, s: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Checks a `client_msg_id`: 1..64 characters, any characters.
+pub fn validate_client_msg_id(what: &'static str, s: &str) -> Result<(), IdError> {
+    let len = s.chars().count();
+    if len == 0 || len > MAX_ID_LEN {
+        return Err(IdError::Length { what, len });
+    }
+    Ok(())
+}
+
 macro_rules! define_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        define_id!($(#[$doc])* $name, $what, validate_id);
+    };
+    ($(#[$doc:meta])* $name:ident, $what:literal, $validate:path) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(Arc<str>);
@@ -39,7 +52,7 @@ macro_rules! define_id {
             pub const WHAT: &'static str = $what;
 
             pub fn parse(s: &str) -> Result<Self, IdError> {
-                validate_id($what, s)?;
+                $validate($what, s)?;
                 Ok(Self(Arc::from(s)))
             }
 
@@ -95,7 +108,8 @@ define_id!(
 define_id!(
     /// The sender's idempotency key for one message.
     ClientMsgId,
-    "client_msg_id"
+    "client_msg_id",
+    validate_client_msg_id
 );
 define_id!(
     /// A support ticket.
@@ -131,6 +145,16 @@ mod tests {
     fn refuses_everything_else() {
         for bad in ["", &"x".repeat(65), "a b", "a/b", "ü", "a\0b", "g#1"] {
             assert!(GroupId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_msg_ids_are_any_one_to_sixty_four_characters() {
+        for ok in ["a", "a/b", "{3f2a-uuid}", "外包装 1", &"ü".repeat(64)] {
+            assert!(ClientMsgId::parse(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["", &"ü".repeat(65)] {
+            assert!(ClientMsgId::parse(bad).is_err(), "{bad:?}");
         }
     }
 

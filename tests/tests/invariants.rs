@@ -117,6 +117,11 @@ async fn sends_are_idempotent_across_retries_reconnects_and_crashes() {
     let bc = connect(&node, &b, &["driver"]).await;
     let other = bc.msg_send(&g, "retry-1", text("b's own"), false).await.unwrap();
     assert_eq!((other.seq, other.duplicate), (seq2 + 1, false));
+    // Any 1..64 characters make a client_msg_id.
+    let odd = "{id/with spaces, 外包装破损}";
+    let odd_first = bc.msg_send(&g, odd, text("odd id"), false).await.expect("a send with an unusual client_msg_id");
+    let odd_again = bc.msg_send(&g, odd, text("odd id"), false).await.unwrap();
+    assert_eq!((odd_again.seq, odd_again.duplicate), (odd_first.seq, true));
 
     // After the connection is dropped and re-established.
     drop(ac);
