@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     Client, ClientError, ClientOptions, Cluster, Node, NodeOptions, admin_get, retry_delay, seq_of, sync_all, text,
-    token, until_available,
+    token, until_available, wait_until,
 };
 
 /// Only one cluster test of this process runs at a time: three node processes, their elections and
@@ -449,6 +449,27 @@ pub async fn leaders_settled(cluster: &Cluster, via: usize) -> bool {
     }
     let (min, max) = (leads.values().min().copied().unwrap_or(0), leads.values().max().copied().unwrap_or(0));
     max < min + 2
+}
+
+/// The leader of `group`'s shard (as node `via` sees it) once the controller has stopped
+/// moving shard leaders: a test that kills or pauses "the leader" must not pick a node whose
+/// leadership is about to move away.
+pub async fn settled_leader(cluster: &Cluster, via: usize, group: &str) -> usize {
+    let settled = wait_until(Duration::from_secs(30), || leaders_settled(cluster, via)).await;
+    assert!(settled, "shard leaders did not settle within 30 s: {}", cluster.status(via).await);
+    cluster.wait_for_leader(via, "group", group, None, Duration::from_secs(10)).await.expect("a leader")
+}
+
+/// Panics unless node `leader` still leads `group`'s shard as node `via` sees it: checked right
+/// before `leader` is disrupted, so that a test never measures the loss of a follower.
+pub async fn assert_still_leads(cluster: &Cluster, via: usize, group: &str, leader: usize) {
+    let now = cluster.leader_of(via, "group", group).await;
+    assert_eq!(
+        now,
+        Some(leader),
+        "the leadership of {group}'s shard moved before {} was disrupted",
+        cluster.node(leader).id()
+    );
 }
 
 /// Whether every node in `nodes` sees every node of the cluster up and the same leader for the shard of

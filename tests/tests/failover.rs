@@ -126,7 +126,7 @@ async fn killing_a_group_leader_mid_burst_loses_nothing() {
     let owner = unique("own");
     let users: Vec<String> = (0..2 * SENDERS_PER_NODE).map(|i| unique(&format!("s{i}"))).collect();
     open_on(cluster.node(0), &owner, &g, &users).await;
-    let leader = cluster.wait_for_leader(0, "group", &g, None, Duration::from_secs(10)).await.expect("a leader");
+    let leader = settled_leader(&cluster, 0, &g).await;
     let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let leader_name = cluster.node(leader).id().to_string();
 
@@ -138,6 +138,7 @@ async fn killing_a_group_leader_mid_burst_loses_nothing() {
     assert!(started, "only {} acks before the kill; errors {:?}", ledger.ack_count(), ledger.errors());
 
     let acked_before = ledger.ack_count();
+    assert_still_leads(&cluster, survivors[0], &g, leader).await;
     let killed_at = Instant::now();
     cluster.node_mut(leader).kill9();
     let resumed =
@@ -207,10 +208,7 @@ async fn failover_time_over_twenty_kills() {
     let mut kills = Vec::new();
     let test_began = Instant::now();
     for round in 0..ROUNDS {
-        let leader = cluster
-            .wait_for_leader(0, "group", &g, None, Duration::from_secs(10))
-            .await
-            .expect("a leader at round start");
+        let leader = settled_leader(&cluster, 0, &g).await;
         // The sender must go through a node that survives this round.
         if running.as_ref().is_none_or(|(via, ..)| *via == leader) {
             if let Some((_, stop, task, _)) = running.take() {
@@ -238,6 +236,7 @@ async fn failover_time_over_twenty_kills() {
             wait_until(Duration::from_secs(10), || async { ledger.ack_count() >= base + ACKS_PER_ROUND }).await;
         assert!(flowing, "round {round}: the sender through {} is not getting acks", cluster.node(*via).id());
 
+        assert_still_leads(&cluster, *via, &g, leader).await;
         let killed_at = Instant::now();
         kills.push(killed_at);
         cluster.node_mut(leader).kill9();
@@ -324,7 +323,7 @@ async fn a_paused_leader_cannot_commit_and_replicas_agree_after() {
     let g = unique("pause");
     let (owner, on_leader, on_other) = (unique("own"), unique("drvl"), unique("drvo"));
     open_on(cluster.node(0), &owner, &g, &[on_leader.clone(), on_other.clone()]).await;
-    let l = cluster.wait_for_leader(0, "group", &g, None, Duration::from_secs(10)).await.expect("a leader");
+    let l = settled_leader(&cluster, 0, &g).await;
     let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
     let o = others[0];
     let l_name = cluster.node(l).id().to_string();
@@ -371,6 +370,7 @@ async fn a_paused_leader_cannot_commit_and_replicas_agree_after() {
         ledger.acks_of(&name_o)
     );
 
+    assert_still_leads(&cluster, o, &g, l).await;
     cluster.node(l).pause();
     let paused_at = Instant::now();
     // The other nodes notice the silence; writes resume through a new leader.
@@ -760,7 +760,7 @@ async fn a_deadline_set_before_its_leader_dies_fires_once_on_the_new_leader() {
     let (owner, reader, late) = (unique("own"), unique("rd"), unique("late"));
     let opener = connect(cluster.node(0), &owner, &["dispatcher"]).await;
     open_group(&opener, &g, vec![Member::new(&reader, "driver"), Member::new(&late, "customer")]).await;
-    let leader = cluster.wait_for_leader(0, "group", &g, None, Duration::from_secs(10)).await.expect("a leader");
+    let leader = settled_leader(&cluster, 0, &g).await;
     let survivor = (leader + 1) % 3;
     let sender = connect(cluster.node(survivor), &owner, &["dispatcher"]).await;
     let reading = connect(cluster.node(survivor), &reader, &["driver"]).await;
@@ -771,6 +771,7 @@ async fn a_deadline_set_before_its_leader_dies_fires_once_on_the_new_leader() {
     let sent_at = Instant::now();
     let seq = sender.msg_send(&g, "needs-receipt", text("please confirm"), true).await.expect("sent").seq;
     reading.msg_read(&g, seq).await.expect("read");
+    assert_still_leads(&cluster, survivor, &g, leader).await;
     cluster.node_mut(leader).kill9();
 
     let overdue = next_event(&mut events, RECEIPT_TIMEOUT + Duration::from_secs(15), |ev| {
