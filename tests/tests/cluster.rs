@@ -111,11 +111,42 @@ async fn nodes_talk_over_tls_and_refuse_plain_peers() {
         .await,
         "every replica got the entries over TLS"
     );
-    // A node that dials without TLS is refused, and says what to check. It never becomes
-    // ready, so it runs as a bare process here.
-    let mut plain = NodeOptions::new().set("cluster.seeds", vec![toml::Value::from(cluster.node(0).cluster_addr())]);
-    plain.id = "n9".into();
-    let outsider = Node::configure(plain, Ports::free(), "a-secret-of-forty-eight-characters-for-the-test!".into());
+    // A node that dials without TLS is refused, and says what to check.
+    let plain = NodeOptions::new().set("cluster.seeds", vec![toml::Value::from(cluster.node(0).cluster_addr())]);
+    refuses_outsider(&cluster, plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cookie_is_refused_and_both_sides_say_why() {
+    let cluster = Cluster::start(3, NodeOptions::new());
+    let stranger = NodeOptions::new()
+        .set("cluster.cookie", "not-the-cluster-cookie")
+        .set("cluster.seeds", vec![toml::Value::from(cluster.node(0).cluster_addr())]);
+    refuses_outsider(&cluster, stranger).await;
+    let refused = wait_until(Duration::from_secs(10), || async {
+        metric(cluster.node(0), "convoy_peer_handshakes_refused_total").await >= 1.0
+    })
+    .await;
+    assert!(refused, "n1 counted no refused handshake:\n{}", cluster.node(0).log_tail(30));
+    assert!(
+        std::fs::read_to_string(cluster.node(0).log_path()).unwrap().contains(REFUSED),
+        "n1 says why it refused the outsider:\n{}",
+        cluster.node(0).log_tail(30)
+    );
+    // The cluster never noticed anything else.
+    let c = connect(cluster.node(0), &unique("a"), &["dispatcher"]).await;
+    open_group(&c, &unique("g"), vec![]).await;
+}
+
+/// What a node logs when a node-to-node session ends before it is authenticated.
+const REFUSED: &str = "check that every node has the same cluster.cookie and the same TLS settings";
+
+/// Runs a node `n9` with `opts` (its seeds name the cluster) and asserts that it says why it
+/// cannot join and that the cluster keeps its three members. A node that cannot join never
+/// becomes ready, so it runs as a bare process.
+async fn refuses_outsider(cluster: &Cluster, mut opts: NodeOptions) {
+    opts.id = "n9".into();
+    let outsider = Node::configure(opts, Ports::free(), "a-secret-of-forty-eight-characters-for-the-test!".into());
     let log = std::fs::File::create(outsider.log_path()).unwrap();
     let mut process = std::process::Command::new(convoy_tests::node::convoy_bin())
         .args(["start", "--config"])
@@ -125,14 +156,12 @@ async fn nodes_talk_over_tls_and_refuse_plain_peers() {
         .spawn()
         .unwrap();
     let refused = wait_until(Duration::from_secs(10), || async {
-        std::fs::read_to_string(outsider.log_path())
-            .unwrap_or_default()
-            .contains("check that every node has the same cluster.cookie (and TLS settings)")
+        std::fs::read_to_string(outsider.log_path()).unwrap_or_default().contains(REFUSED)
     })
     .await;
     let _ = process.kill();
     let _ = process.wait();
-    assert!(refused, "the plain node says why it cannot join:\n{}", outsider.log_tail(20));
+    assert!(refused, "the outsider says why it cannot join:\n{}", outsider.log_tail(20));
     let status = cluster.status(0).await;
     assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the outsider did not join: {status}");
 }

@@ -99,8 +99,9 @@ pub fn spawn(
                             tracing::warn!(
                                 peer = %s.peer_addr,
                                 name = ?s.peer_name.as_ref().map(|n| n.name.clone()),
-                                "a node-to-node session closed during its handshake: the peer refused us or we refused it; \
-                                 check that every node has the same cluster.cookie (and TLS settings)"
+                                "a node-to-node session closed before it was authenticated: this node and the peer \
+                                 have different cluster.cookie values, or one uses TLS and the other does not; \
+                                 check that every node has the same cluster.cookie and the same TLS settings"
                             );
                         }
                         transport.session_closed(&s);
