@@ -52,6 +52,11 @@ pub enum NodeError {
     Listen { what: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
     #[error("starting {0}: {1}")]
     Start(String, String),
+    #[error(
+        "cluster.shards is {configured} on this node but the cluster was formed with {cluster}: every node of a \
+         cluster needs the same cluster.shards, and it cannot change once the cluster exists"
+    )]
+    ShardCountMismatch { configured: u16, cluster: u16 },
 }
 
 /// Where the client secret comes from when the configuration has none.
@@ -338,7 +343,7 @@ pub async fn run(
     );
     tokio::spawn(follow_cluster(cluster_state.clone(), transport.clone(), view.clone(), addrs_tx, seeds.clone()));
     let shards_task = tokio::spawn(shards.clone().run(cluster_state.clone(), shutdown_rx.clone()));
-    tokio::spawn(join_or_found(meta.clone(), transport.clone(), seeds));
+    tokio::spawn(join_or_found(meta.clone(), transport.clone(), seeds, cfg.cluster.shards));
     let controller = Controller::new(
         meta.clone(),
         shards.clone(),
@@ -360,7 +365,7 @@ pub async fn run(
     ));
     let gateway_task = tokio::spawn(gw.clone().serve(client_listener, client_tls));
 
-    wait_until_serving(&router, &cluster_state, node_id).await;
+    wait_until_serving(&router, &cluster_state, node_id).await?;
     let _ = phase_tx.send(Phase::Ready);
     println!("convoy ready node={} client={client_url} admin={admin_url}", cfg.node.id);
     tracing::info!(node = %cfg.node.id, %client_url, %admin_url, "ready");
@@ -390,13 +395,21 @@ pub async fn run(
 }
 
 /// Ready means: a member of a bootstrapped cluster whose every shard has a leader this
-/// node can reach.
-async fn wait_until_serving(router: &Router, cluster: &watch::Receiver<Arc<ClusterState>>, me: NodeId) {
+/// node can reach. A node that counts shards differently from the cluster would route
+/// entities to the wrong shards, so it stops instead.
+async fn wait_until_serving(
+    router: &Router,
+    cluster: &watch::Receiver<Arc<ClusterState>>,
+    me: NodeId,
+) -> Result<(), NodeError> {
     loop {
         let state = cluster.borrow().clone();
+        if state.is_bootstrapped() && state.shards != router.shards() {
+            return Err(NodeError::ShardCountMismatch { configured: router.shards(), cluster: state.shards });
+        }
         let member = state.is_bootstrapped() && state.members.contains_key(&me);
         if member && (0..router.shards()).all(|s| router.leader_of(RaftGroupId(s)).is_some()) {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -61,6 +61,11 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
+    /// The shared `cluster.cookie`.
+    pub fn cookie(&self) -> &str {
+        &self.cookie
+    }
+
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i]
     }

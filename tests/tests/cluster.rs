@@ -165,3 +165,39 @@ async fn refuses_outsider(cluster: &Cluster, mut opts: NodeOptions) {
     let status = cluster.status(0).await;
     assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the outsider did not join: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_counts_shards_differently_is_refused_and_says_so() {
+    let cluster = Cluster::start(3, NodeOptions::new());
+    let g = unique("before");
+    let c = connect(cluster.node(0), &unique("a"), &["dispatcher"]).await;
+    open_group(&c, &g, vec![]).await;
+
+    let mut opts = NodeOptions::new()
+        .set("cluster.cookie", cluster.cookie())
+        .set("cluster.seeds", vec![toml::Value::from(cluster.node(0).cluster_addr())])
+        .set("cluster.shards", 16);
+    opts.id = "n4".into();
+    let odd = Node::configure(opts, Ports::free(), cluster.node(0).secret().to_string());
+    let log = std::fs::File::create(odd.log_path()).unwrap();
+    let mut process = std::process::Command::new(convoy_tests::node::convoy_bin())
+        .args(["start", "--config"])
+        .arg(odd.dir().join("convoy.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let refused = wait_until(Duration::from_secs(20), || async {
+        std::fs::read_to_string(odd.log_path())
+            .unwrap_or_default()
+            .contains("refused: cluster.shards is 16 on n4 but the cluster was formed with 8")
+    })
+    .await;
+    let _ = process.kill();
+    let _ = process.wait();
+    assert!(refused, "the odd node says why it cannot join, naming the key and both values:\n{}", odd.log_tail(20));
+    let status = cluster.status(0).await;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the odd node is not a member: {status}");
+    // The cluster goes on serving what it had.
+    c.msg_send(&g, "after", text("still here"), false).await.expect("a send after the odd node left");
+}

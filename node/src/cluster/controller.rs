@@ -236,8 +236,9 @@ use openraft::type_config::async_runtime::WatchReceiver;
 /// - Seeds: once every seed answered hello, if one of them belongs to a cluster, ask it to
 ///   let us in; if none does, the node with the smallest name initializes the metadata
 ///   group with all of them (the others wait to hear from its leader).
-pub async fn join_or_found(meta: Arc<ShardHost>, transport: Arc<Transport>, seeds: Vec<String>) {
+pub async fn join_or_found(meta: Arc<ShardHost>, transport: Arc<Transport>, seeds: Vec<String>, shards: u16) {
     let me = transport.hello();
+    let mut refusal_logged: Option<std::time::Instant> = None;
     loop {
         let state = meta.data().cluster().map(|c| c.borrow().clone()).unwrap_or_default();
         if state.members.contains_key(&me.node) {
@@ -251,7 +252,12 @@ pub async fn join_or_found(meta: Arc<ShardHost>, transport: Arc<Transport>, seed
         } else if !seeds.is_empty() {
             let peers = transport.peers();
             if let Some(member) = peers.iter().find(|p| p.cluster_id != 0) {
-                ask_to_join(&transport, member, &me).await;
+                if let Err(refused) = ask_to_join(&transport, member, &me, shards).await
+                    && refusal_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    tracing::error!(via = %member.addr, "{refused}");
+                    refusal_logged = Some(std::time::Instant::now());
+                }
             } else if !initialized && seeds.iter().all(|s| peers.iter().any(|p| p.addr.cluster_addr == *s)) {
                 let mut everyone: Vec<&Hello> = peers.iter().collect();
                 everyone.push(&me);
@@ -272,13 +278,17 @@ pub async fn join_or_found(meta: Arc<ShardHost>, transport: Arc<Transport>, seed
     }
 }
 
-async fn ask_to_join(transport: &Transport, member: &Hello, me: &Hello) {
-    let join = Call::Control(Control::Join { node: me.node, addr: me.addr.clone() });
+/// Asks `member` to let this node in; `Err` when the cluster refuses it for good (its
+/// configuration does not fit the cluster).
+async fn ask_to_join(transport: &Transport, member: &Hello, me: &Hello, shards: u16) -> Result<(), String> {
+    let join = Call::Control(Control::Join { node: me.node, addr: me.addr.clone(), shards });
     match transport.call(member.node, &join, CONTROL_TIMEOUT).await {
         Ok(CallReply::Done) => tracing::info!(via = %member.addr, "asked to join the cluster"),
+        Ok(CallReply::Failed(reason)) if reason.starts_with("refused: ") => return Err(reason),
         Ok(other) => tracing::debug!(via = %member.addr, ?other, "join not accepted yet"),
         Err(e) => tracing::debug!(via = %member.addr, error = %e, "join request failed"),
     }
+    Ok(())
 }
 
 /// A shard leadership to hand from one node to another.

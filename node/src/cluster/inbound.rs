@@ -118,7 +118,17 @@ pub async fn control(
         }
     };
     match control {
-        Control::Join { node, addr } => {
+        Control::Join { node, addr, shards: theirs } => {
+            let ours = shards.host(RaftGroupId::META).and_then(|m| m.data().cluster()).map(|c| c.borrow().shards);
+            if let Some(ours) = ours
+                && ours != theirs
+            {
+                return Err(format!(
+                    "refused: cluster.shards is {theirs} on {} but the cluster was formed with {ours}; every node of \
+                     a cluster needs the same cluster.shards",
+                    addr.name
+                ));
+            }
             let cmd = MetaCommand::Join { node, addr };
             meta_command(shards, view, transport, cmd).await
         }

@@ -116,7 +116,8 @@ pub enum RaftRpc {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Control {
     /// A node asks to join the cluster (sent to any member, forwarded to the metadata leader).
-    Join { node: NodeId, addr: NodeAddr },
+    /// `shards` is its `cluster.shards`: a node that counts shards differently is refused.
+    Join { node: NodeId, addr: NodeAddr, shards: u16 },
     /// A metadata command for the metadata leader to propose.
     Meta(MetaCommand),
     /// Start hosting `group` and make it a Raft group of `members` if it never was.
