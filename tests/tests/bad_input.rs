@@ -7,6 +7,7 @@ use convoy_tests::http;
 use convoy_tests::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const REPLY_WAIT: Duration = Duration::from_secs(5);
 
@@ -480,5 +481,116 @@ async fn content_limits_are_enforced() {
             .unwrap_or(0.0);
         assert!(hits >= 1.0, "convoy_limit_hits_total{{limit={limit:?}}} = {hits}:\n{body}");
     }
+    assert_serves_others(&node).await;
+}
+
+/// A WebSocket over a socket with a small receive buffer, said hello as `user`: a client
+/// that can be made to stop reading.
+async fn sleepy_client(node: &Node, user: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures::{SinkExt, StreamExt};
+    let addr = node.client_url().trim_start_matches("ws://").split('/').next().unwrap().to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(node.client_url(), tcp).await.expect("websocket upgrade");
+    let hello = json!({"id": "h", "op": "hello", "token": token(node, user, &["driver"]), "device": "sleepy"});
+    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a hello reply");
+    let Some(Ok(Message::Text(reply))) = reply else { panic!("hello reply: {reply:?}") };
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    ws
+}
+
+/// Reads what the server still sends until it closes; the close code, if the close frame
+/// arrives before the socket ends (the client's automatic pongs may meet a closed socket
+/// and reset it first).
+async fn close_code_after_draining(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return None,
+            Err(_) => panic!("the server neither closed nor ended the connection within 30 s"),
+        }
+    }
+}
+
+/// A member who stops reading is dropped once its outbound queue is full (close 4408,
+/// counted as `slow_reader`); the sender is never held up on its account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_holds_nobody_up() {
+    let node = Node::start(
+        NodeOptions::new()
+            .set("limits.outbound_queue", 16)
+            .set("limits.requests_per_second", 100_000)
+            .set("limits.request_burst", 100_000),
+    );
+    let (sender, sleeper) = (unique("snd"), unique("slp"));
+    let sc = connect(&node, &sender, &["dispatcher"]).await;
+    let g = unique("slow");
+    open_group(&sc, &g, drivers(&[&sleeper])).await;
+    let mut ws = sleepy_client(&node, &sleeper).await;
+
+    let dropped = || async {
+        let body = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
+        convoy_chaos::metrics::sum_metric(&body, "convoy_connections_dropped_total{reason=\"slow_reader\"}")
+            .unwrap_or(0.0)
+    };
+    let big = "x".repeat(3000);
+    let mut sent = 0;
+    while dropped().await < 1.0 {
+        assert!(sent < 20_000, "{sent} pushes of 3 KB did not overflow a client that reads nothing");
+        for _ in 0..100 {
+            sc.msg_send(&g, &format!("m{sent}"), text(&big), false).await.expect("the sender is never held up");
+            sent += 1;
+        }
+    }
+    let code = close_code_after_draining(&mut ws).await;
+    assert!(matches!(code, None | Some(4408)), "closed with {code:?} after {sent} messages");
+    // The sender and the group go on.
+    let last = sc.msg_send(&g, "after", text("still going"), false).await.expect("a send after the drop");
+    assert_eq!(last.seq, sc.group_info(&g).await.unwrap().last_seq);
+}
+
+/// A client that answers no ping is dropped `timeouts.pong_timeout` after it fell silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_answers_no_ping_is_dropped() {
+    let node =
+        Node::start(NodeOptions::new().set("timeouts.ping_interval", "200ms").set("timeouts.pong_timeout", "1s"));
+    let mut ws = sleepy_client(&node, &unique("mute")).await;
+    let fell_silent = Instant::now();
+    // Not reading means not answering pings: the server hears nothing more from it.
+    let dropped = wait_until(Duration::from_secs(10), || async {
+        let metrics = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
+        convoy_chaos::metrics::sum_metric(&metrics, "convoy_connections_dropped_total{reason=\"no_pong\"}") == Some(1.0)
+    })
+    .await;
+    assert!(dropped, "the silent client was not dropped within 10 s of falling silent");
+    assert!(fell_silent.elapsed() >= Duration::from_millis(900), "dropped before pong_timeout");
+    let code = close_code_after_draining(&mut ws).await;
+    assert!(matches!(code, None | Some(4408)), "closed with {code:?}");
+}
+
+/// A text frame that is not UTF-8 breaks the WebSocket protocol: the client gets a
+/// `bad_request` error frame, then close 1007; the node goes on serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_gets_bad_request_then_close_1007() {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let node = Node::start(NodeOptions::new());
+    let mut ws = sleepy_client(&node, &unique("bytes")).await;
+    // A masked text frame (as clients must send) whose payload is not UTF-8, written raw.
+    let (payload, mask) = ([0xffu8, 0xfe, b'{'], [0x11u8, 0x22, 0x33, 0x44]);
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    ws.get_mut().write_all(&frame).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an answer");
+    let Some(Ok(Message::Text(error))) = error else { panic!("expected an error frame, got {error:?}") };
+    let error: Value = serde_json::from_str(&error).unwrap();
+    assert_eq!((error["re"].clone(), error["error"]["code"].clone()), (Value::Null, json!("bad_request")), "{error}");
+    assert_eq!(close_code_after_draining(&mut ws).await, Some(1007));
     assert_serves_others(&node).await;
 }

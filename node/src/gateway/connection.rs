@@ -34,6 +34,7 @@ use crate::telemetry::trace::{self, TARGET as TRACE};
 /// Close codes of protocol v1 (and Convoy's additions, documented in docs/protocol.md).
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_LARGE: u16 = 1009;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const TOO_SLOW: u16 = 4408;
@@ -42,6 +43,8 @@ pub mod close {
 
 /// How long one write to the socket may take before the client counts as not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client dropped for reading too slowly has to take its close frame.
+const SLOW_READER_CLOSE: Duration = Duration::from_secs(2);
 /// Frames drained from the outbound queue per socket flush.
 const WRITE_BATCH: usize = 64;
 
@@ -96,10 +99,20 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
         }};
     }
     macro_rules! close_with {
-        ($code:expr, $reason:expr) => {{
+        ($code:expr, $reason:expr) => {
+            close_with!($code, $reason, WRITE_TIMEOUT)
+        };
+        ($code:expr, $reason:expr, $within:expr) => {{
             let frame = CloseFrame { code: CloseCode::from($code), reason: Utf8Bytes::from($reason) };
-            let _ = timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            let _ = timeout($within, sink.send(Message::Close(Some(frame)))).await;
             break;
+        }};
+    }
+    // A client that reads nothing gets a moment for the close frame, not a write timeout.
+    macro_rules! drop_slow_reader {
+        () => {{
+            metrics::counter!("convoy_connections_dropped_total", "reason" => "slow_reader").increment(1);
+            close_with!(close::TOO_SLOW, "outbound queue full: read faster", SLOW_READER_CLOSE)
         }};
     }
 
@@ -119,44 +132,56 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                 }
                 close_with!(close::GOING_AWAY, "node shutting down; reconnect to another node");
             }
-            _ = overflow.notified() => {
-                metrics::counter!("convoy_connections_dropped_total", "reason" => "slow_reader").increment(1);
-                close_with!(close::TOO_SLOW, "outbound queue full: read faster");
-            }
+            _ = overflow.notified() => drop_slow_reader!(),
             _ = sleep_until(deadline) => {
                 let reason = if session.is_some() { "token expired" } else { "no valid hello in time" };
                 close_with!(close::UNAUTHORIZED, reason);
             }
             Some((id, result)) = pending.next(), if !pending.is_empty() => {
                 // Feed every reply that is ready, then flush once.
-                let mut ok = feed(&mut sink, reply_text(&id, &result).into()).await;
-                in_flight.remove(&id);
-                while ok {
-                    let Some(Some((id, result))) = pending.next().now_or_never() else { break };
+                let write = async {
+                    let mut ok = feed(&mut sink, reply_text(&id, &result).into()).await;
                     in_flight.remove(&id);
-                    ok = feed(&mut sink, reply_text(&id, &result).into()).await;
+                    while ok {
+                        let Some(Some((id, result))) = pending.next().now_or_never() else { break };
+                        in_flight.remove(&id);
+                        ok = feed(&mut sink, reply_text(&id, &result).into()).await;
+                    }
+                    while ok {
+                        let Ok(next) = frames_rx.try_recv() else { break };
+                        ok = feed(&mut sink, next).await;
+                    }
+                    ok && flush(&mut sink).await
+                };
+                match unless_overflowed(write, &overflow).await {
+                    Written::Done => {}
+                    Written::Failed => break,
+                    Written::Overflowed => drop_slow_reader!(),
                 }
-                while ok {
-                    let Ok(next) = frames_rx.try_recv() else { break };
-                    ok = feed(&mut sink, next).await;
-                }
-                if !ok || !timeout(WRITE_TIMEOUT, sink.flush()).await.is_ok_and(|r| r.is_ok()) { break; }
             }
             Some(first) = frames_rx.recv() => {
                 // Write what is queued in one go, then flush once.
-                let mut ok = feed(&mut sink, first).await;
-                let mut n = 1;
-                while ok && n < WRITE_BATCH {
-                    let Ok(next) = frames_rx.try_recv() else { break };
-                    ok = feed(&mut sink, next).await;
-                    n += 1;
+                let write = async {
+                    let mut ok = feed(&mut sink, first).await;
+                    let mut n = 1;
+                    while ok && n < WRITE_BATCH {
+                        let Ok(next) = frames_rx.try_recv() else { break };
+                        ok = feed(&mut sink, next).await;
+                        n += 1;
+                    }
+                    ok && flush(&mut sink).await
+                };
+                match unless_overflowed(write, &overflow).await {
+                    Written::Done => {}
+                    Written::Failed => break,
+                    Written::Overflowed => drop_slow_reader!(),
                 }
-                if !ok || !timeout(WRITE_TIMEOUT, sink.flush()).await.is_ok_and(|r| r.is_ok()) { break; }
+            }
+            _ = sleep_until(last_heard + gw.limits.pong_timeout) => {
+                metrics::counter!("convoy_connections_dropped_total", "reason" => "no_pong").increment(1);
+                close_with!(close::TOO_SLOW, "no pong in time");
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() > gw.limits.pong_timeout {
-                    close_with!(close::TOO_SLOW, "no pong in time");
-                }
                 if !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) { break; }
             }
             incoming = stream.next() => {
@@ -167,6 +192,11 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                         let r = Rejection::new(ErrorCode::TooLarge, format!("frame of {size} bytes exceeds the limit of {max_size}"));
                         let _ = send!(frame::error(None, &r, None));
                         close_with!(close::TOO_LARGE, "frame too large");
+                    }
+                    Some(Err(WsError::Utf8(_))) => {
+                        let r = Rejection::bad_request("a text frame that is not UTF-8");
+                        let _ = send!(frame::error(None, &r, None));
+                        close_with!(close::INVALID_PAYLOAD, "text frame is not UTF-8");
                     }
                     Some(Err(_)) => break,
                     Some(Ok(m)) => m,
@@ -255,6 +285,29 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
 }
 
 type WsSink = futures::stream::SplitSink<WebSocketStream<ClientStream>, Message>;
+
+/// How writing a batch of frames to a client ended.
+enum Written {
+    Done,
+    /// The socket failed or a write took longer than `WRITE_TIMEOUT`.
+    Failed,
+    /// The connection's outbound queue overflowed while the batch waited on the socket.
+    Overflowed,
+}
+
+/// Runs `write`, unless the outbound queue overflows first: a client that stops reading
+/// is dropped as soon as its queue is full, not when a write to it times out.
+async fn unless_overflowed(write: impl std::future::Future<Output = bool>, overflow: &Notify) -> Written {
+    tokio::select! {
+        biased;
+        _ = overflow.notified() => Written::Overflowed,
+        ok = write => if ok { Written::Done } else { Written::Failed },
+    }
+}
+
+async fn flush(sink: &mut WsSink) -> bool {
+    matches!(timeout(WRITE_TIMEOUT, sink.flush()).await, Ok(Ok(())))
+}
 
 /// Queues a frame in the write buffer; false if the connection is done for.
 async fn feed(sink: &mut WsSink, text: Utf8Bytes) -> bool {
