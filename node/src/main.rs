@@ -156,7 +156,17 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
     );
     let mut nodes = comfy_table::Table::new();
     nodes.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    nodes.set_header(["node", "state", "status", "cluster address", "client URL", "leads", "holds", "lag"]);
+    nodes.set_header([
+        "node",
+        "state",
+        "status",
+        "cluster address",
+        "client URL",
+        "shards led",
+        "shards held",
+        "lag",
+        "metadata",
+    ]);
     for m in &s.members {
         let state = if m.up { "up" } else { "DOWN" };
         nodes.add_row([
@@ -167,7 +177,8 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
             m.client_url.clone(),
             m.leads.to_string(),
             m.holds.to_string(),
-            m.lag.to_string(),
+            m.lag.map_or_else(|| "unknown".into(), |l| l.to_string()),
+            if m.meta_leader { "leader".into() } else { String::new() },
         ]);
     }
     println!("{nodes}");

@@ -113,9 +113,17 @@ async fn a_node_joins_and_a_drained_node_leaves_while_clients_send() {
         convoy_cli(&["status", "--admin", &admin, "--token", &token], Duration::from_secs(30))
     });
     assert!(ok, "convoy cluster status failed: {out}");
-    for expected in ["n1", "n2", "n3", "shard-0", "shard-7", "meta", "settled: every shard has a leader"] {
+    for expected in ["n1", "n2", "n3", "shard-0", "shard-7", "meta", "shards led", "settled: every shard has a leader"]
+    {
         assert!(out.contains(expected), "convoy cluster status shows {expected:?}:\n{out}");
     }
+    // The counts are of shards: eight led, eight times three held, and one metadata leader.
+    let status = cluster.status(0).await;
+    let members = status["members"].as_array().unwrap();
+    let sum = |key: &str| members.iter().map(|m| m[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("leads"), sum("holds")), (8, 24), "{status}");
+    assert_eq!(members.iter().filter(|m| m["meta_leader"] == true).count(), 1, "{status}");
+    assert!(members.iter().all(|m| m["lag"].is_u64()), "every member is up, so its lag is known: {status}");
 
     // Draining one of three would leave too few nodes for three replicas: refused, with the reason.
     let refused = admin_post(cluster.node(0), "/v1/cluster/nodes/n3/drain").await;

@@ -35,12 +35,15 @@ pub struct MemberRow {
     pub cluster_addr: String,
     pub client_url: String,
     pub admin_url: String,
-    /// Groups it leads (the metadata group included).
+    /// Shards it leads.
     pub leads: usize,
-    /// Groups it holds a replica of.
+    /// Whether it leads the metadata group (not counted in `leads`).
+    pub meta_leader: bool,
+    /// Shards it holds a replica of.
     pub holds: usize,
-    /// Most entries it is behind the furthest replica, over the groups it holds.
-    pub lag: u64,
+    /// Most entries it is behind the furthest replica, over the groups it holds; `None`
+    /// while it is down (its reports are not heard).
+    pub lag: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +69,7 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
     let mut leads: std::collections::HashMap<NodeId, usize> = Default::default();
     let mut holds: std::collections::HashMap<NodeId, usize> = Default::default();
     let mut lag: std::collections::HashMap<NodeId, u64> = Default::default();
+    let mut meta_leader = None;
     let mut unsettled = Vec::new();
     // The shards each node leads, as the controller spreads them: every active member is
     // listed, leading none or more.
@@ -82,13 +86,17 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
     for g in groups {
         let view = c.view.group(g);
         let leader = if g.is_meta() { view.as_ref().and_then(|v| v.leader) } else { router.leader_of(g) };
-        if let Some(l) = leader {
-            *leads.entry(l).or_default() += 1;
+        match leader {
+            Some(l) if g.is_meta() => meta_leader = Some(l),
+            Some(l) => *leads.entry(l).or_default() += 1,
+            None => {}
         }
         let (voters, learners, term, applied) =
             view.as_ref().map_or((vec![], vec![], 0, 0), |v| (v.voters.clone(), v.learners.clone(), v.term, v.applied));
         for n in voters.iter().chain(&learners) {
-            *holds.entry(*n).or_default() += 1;
+            if !g.is_meta() {
+                *holds.entry(*n).or_default() += 1;
+            }
             let behind = c.view.report(*n, g).map_or(0, |r| applied.saturating_sub(r.last_applied));
             let l = lag.entry(*n).or_default();
             *l = (*l).max(behind);
@@ -132,6 +140,7 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
             leads(to)
         ));
     }
+    let up = |id: NodeId| id == me || c.transport.is_up(id);
     let members = state
         .members
         .iter()
@@ -142,13 +151,14 @@ pub fn collect(c: &ClusterHandles, router: &Router) -> ClusterStatus {
                 MemberStatus::Active => "active".into(),
                 MemberStatus::Draining => "draining".into(),
             },
-            up: *id == me || c.transport.is_up(*id),
+            up: up(*id),
             cluster_addr: m.addr.cluster_addr.clone(),
             client_url: m.addr.client_url.clone(),
             admin_url: m.addr.admin_url.clone(),
             leads: leads.get(id).copied().unwrap_or(0),
+            meta_leader: meta_leader == Some(*id),
             holds: holds.get(id).copied().unwrap_or(0),
-            lag: lag.get(id).copied().unwrap_or(0),
+            lag: up(*id).then(|| lag.get(id).copied().unwrap_or(0)),
         })
         .collect();
     ClusterStatus {
