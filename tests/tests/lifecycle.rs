@@ -171,3 +171,89 @@ async fn fault_injection_is_refused_unless_enabled() {
     let driver = http::request_with_token("GET", &url, Some(&token(&node, "d", &["driver"]))).await.unwrap();
     assert_eq!(driver.status, 403, "a token without the admin role is refused: {driver:?}");
 }
+
+/// A `convoy dev` process and what it printed before its ready line.
+struct DevNode {
+    process: std::process::Child,
+    printed: Vec<String>,
+}
+
+/// Runs `convoy dev` in `dir` with nothing configured but the addresses, and waits for its
+/// ready line.
+fn convoy_dev(dir: &std::path::Path, ports: &Ports) -> DevNode {
+    use std::io::BufRead;
+    let mut process = std::process::Command::new(convoy_tests::node::convoy_bin())
+        .args(["dev", "--data-dir", "data", "--client-addr"])
+        .arg(format!("127.0.0.1:{}", ports.client))
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{}", ports.admin))
+        .env_remove("CONVOY_AUTH_SECRET")
+        .env("CONVOY_CLUSTER_LISTEN", format!("127.0.0.1:{}", ports.cluster))
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running convoy dev");
+    let mut lines = std::io::BufReader::new(process.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = line.starts_with("convoy ready ");
+        printed.push(line);
+        if ready {
+            // Keep draining stdout so that the node never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return DevNode { process, printed };
+        }
+    }
+    let status = process.wait();
+    panic!("convoy dev exited ({status:?}) before it was ready; it printed:\n{}", printed.join("\n"));
+}
+
+impl DevNode {
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the pid of a child we own.
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+        self.process.wait().unwrap()
+    }
+}
+
+/// `convoy dev` needs no configuration: it prints where it listens and a demo token that
+/// works, keeps the secret it generated in its data directory (so `convoy token` mints
+/// tokens it accepts, before and after a restart), and stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convoy_dev_needs_no_configuration_and_its_tokens_work_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let url = format!("ws://127.0.0.1:{}/v1/ws", ports.client);
+    let dev = tokio::task::block_in_place(|| convoy_dev(dir.path(), &ports));
+    let ready = dev.printed.last().unwrap();
+    assert_eq!(ready, &format!("convoy ready node=n1 client={url} admin=http://127.0.0.1:{}", ports.admin));
+    let demo_line = dev.printed.iter().find(|l| l.contains("token for user \"demo\"")).expect("a demo token line");
+    let demo_token = demo_line.rsplit(' ').next().unwrap().to_string();
+
+    let demo = Client::connect(&url, ClientOptions::default()).await.unwrap();
+    assert_eq!(demo.hello(&demo_token, "cli").await.expect("the printed token works").user, "demo");
+    let g = unique("dev");
+    open_group(&demo, &g, vec![]).await;
+    let sent = demo.msg_send(&g, "m1", text("kept"), false).await.unwrap();
+    drop(demo);
+    assert!(tokio::task::block_in_place(|| dev.stop()).success(), "SIGTERM ends convoy dev with exit 0");
+
+    let minted = std::process::Command::new(convoy_tests::node::convoy_bin())
+        .args(["token", "--user", "u-17", "--role", "driver", "--ttl", "10m", "--data-dir", "data"])
+        .env_remove("CONVOY_AUTH_SECRET")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "convoy token: {}", String::from_utf8_lossy(&minted.stderr));
+    let minted = String::from_utf8(minted.stdout).unwrap().trim().to_string();
+
+    let dev = tokio::task::block_in_place(|| convoy_dev(dir.path(), &ports));
+    let driver = Client::connect(&url, ClientOptions::default()).await.unwrap();
+    assert_eq!(driver.hello(&minted, "cli").await.expect("a token from convoy token").user, "u-17");
+    let demo = Client::connect(&url, ClientOptions::default()).await.unwrap();
+    demo.hello(&demo_token, "cli").await.expect("the first run's token works after a restart");
+    assert_eq!(demo.msg_sync(&g, 0, 10).await.unwrap().last_seq, sent.seq, "the data survived the restart");
+    assert!(tokio::task::block_in_place(|| dev.stop()).success());
+}
