@@ -155,7 +155,12 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
             let sent_before =
                 Query::SentBefore { sender: send.from.user.clone(), client_msg_id: send.client_msg_id.clone() };
             let reply = rt.query(EntityKey::Group(id.clone()), sent_before);
-            return Handling::Task(Box::pin(async move { reply.await.map_err(|_| refused) }));
+            return Handling::Task(Box::pin(async move {
+                match reply.await {
+                    Err(r) if r.code == ErrorCode::NotFound => Err(refused),
+                    other => other,
+                }
+            }));
         }
         return Handling::Done(Err(refused));
     }
@@ -186,24 +191,31 @@ fn handle_group<R: Runtime>(id: &GroupId, state: Option<&GroupState>, cmd: Group
                     let reply = rt.request(EntityKey::User(user.clone()), Request::User(join));
                     async move { reply.await.map_err(|r| Rejection { message: format!("{user}: {}", r.message), ..r }) }
                 });
+                // The users whose inbox this request listed the group in (it was not there).
                 let mut listed = Vec::new();
                 let mut refused = None;
                 for (user, joined) in joining.iter().zip(futures::future::join_all(joins).await) {
                     match joined {
-                        Ok(_) => listed.push(user),
+                        Ok(Reply::Updated { changed: true }) => listed.push(user),
+                        Ok(_) => {}
                         Err(r) => drop(refused.get_or_insert(r)),
                     }
                 }
-                let outcome = match refused {
-                    Some(r) => Err(r),
-                    None => rt.propose(key, Command::Group(cmd)).await,
+                let (outcome, admitted_nobody) = match refused {
+                    Some(r) => (Err(r), true),
+                    None => {
+                        let outcome = rt.propose(key, Command::Group(cmd)).await;
+                        // After `unavailable` or `internal` the group may have admitted them.
+                        let definite = outcome
+                            .as_ref()
+                            .is_err_and(|r| !matches!(r.code, ErrorCode::Unavailable | ErrorCode::Internal));
+                        (outcome, definite)
+                    }
                 };
-                // The group admitted nobody: take it out of the inboxes it was put in for
-                // this request, or it would count against their group limit for good. Not
-                // after `unavailable` or `internal`: the group may have admitted them.
-                if let Err(r) = &outcome
-                    && !matches!(r.code, ErrorCode::Unavailable | ErrorCode::Internal)
-                {
+                // Take the group out of the inboxes this request put it in, or it would count
+                // against those users' group limit for good. Requests to this group are handled
+                // one at a time, so nothing admitted them meanwhile.
+                if admitted_nobody {
                     let forgets = listed.into_iter().filter(|u| newcomers.contains(u)).map(|user| {
                         rt.request(
                             EntityKey::User(user.clone()),

@@ -362,12 +362,6 @@ pub enum Query {
     InboxItem {
         user: UserId,
     },
-    /// The seq of a message `sender` sent with `client_msg_id`, as a duplicate `Sent` reply.
-    /// Asked by the group itself for a retry that its checks for new messages refuse.
-    SentBefore {
-        sender: UserId,
-        client_msg_id: ClientMsgId,
-    },
     InboxGroups {
         caller: crate::Caller,
     },
@@ -389,6 +383,12 @@ pub enum Query {
     /// Service desk figures as of `now` (the admin API asks).
     Desk {
         now: Timestamp,
+    },
+    /// The seq of a message `sender` sent with `client_msg_id`, as a duplicate `Sent` reply.
+    /// Asked by the group itself for a retry that its checks for new messages refuse.
+    SentBefore {
+        sender: UserId,
+        client_msg_id: ClientMsgId,
     },
 }
 

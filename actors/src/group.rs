@@ -480,11 +480,13 @@ impl GroupState {
                 }
                 Ok(())
             }
+            // Closed groups still let members go: leaving is how a user frees a place in
+            // their group limit.
             GroupCommand::Leave { user } => {
                 if !s.members.contains_key(user) {
                     return Err(not_a_member());
                 }
-                s.open_check()
+                Ok(())
             }
             GroupCommand::Close { by, .. } => s.manager_check(by),
             GroupCommand::Send(send) => {

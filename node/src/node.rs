@@ -299,6 +299,8 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Start("the metadata group".into(), e.to_string()))?;
     let cluster_state = meta.data().cluster().expect("the metadata group carries the cluster state");
+    // A member restarted with another shard count stops before it serves anything.
+    same_shard_count(&cluster_state.borrow(), cfg.cluster.shards)?;
     let inbound = Arc::new(NodeInbound {
         transport: transport.clone(),
         shards: shards.clone(),
@@ -394,6 +396,14 @@ pub async fn run(
     Ok(())
 }
 
+/// Entities are placed by a hash modulo the shard count: a node must count as its cluster does.
+fn same_shard_count(state: &ClusterState, configured: u16) -> Result<(), NodeError> {
+    if state.is_bootstrapped() && state.shards != configured {
+        return Err(NodeError::ShardCountMismatch { configured, cluster: state.shards });
+    }
+    Ok(())
+}
+
 /// Ready means: a member of a bootstrapped cluster whose every shard has a leader this
 /// node can reach. A node that counts shards differently from the cluster would route
 /// entities to the wrong shards, so it stops instead.
@@ -404,9 +414,7 @@ async fn wait_until_serving(
 ) -> Result<(), NodeError> {
     loop {
         let state = cluster.borrow().clone();
-        if state.is_bootstrapped() && state.shards != router.shards() {
-            return Err(NodeError::ShardCountMismatch { configured: router.shards(), cluster: state.shards });
-        }
+        same_shard_count(&state, router.shards())?;
         let member = state.is_bootstrapped() && state.members.contains_key(&me);
         if member && (0..router.shards()).all(|s| router.leader_of(RaftGroupId(s)).is_some()) {
             return Ok(());

@@ -533,11 +533,7 @@ async fn a_client_that_stops_reading_is_dropped_and_holds_nobody_up() {
     open_group(&sc, &g, drivers(&[&sleeper])).await;
     let mut ws = sleepy_client(&node, &sleeper).await;
 
-    let dropped = || async {
-        let body = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
-        convoy_chaos::metrics::sum_metric(&body, "convoy_connections_dropped_total{reason=\"slow_reader\"}")
-            .unwrap_or(0.0)
-    };
+    let dropped = || metric(&node, "convoy_connections_dropped_total{reason=\"slow_reader\"}");
     let big = "x".repeat(3000);
     let mut sent = 0;
     while dropped().await < 1.0 {
@@ -563,8 +559,7 @@ async fn a_client_that_answers_no_ping_is_dropped() {
     let fell_silent = Instant::now();
     // Not reading means not answering pings: the server hears nothing more from it.
     let dropped = wait_until(Duration::from_secs(10), || async {
-        let metrics = http::get(&format!("{}/metrics", node.admin_url())).await.unwrap().body;
-        convoy_chaos::metrics::sum_metric(&metrics, "convoy_connections_dropped_total{reason=\"no_pong\"}") == Some(1.0)
+        metric(&node, "convoy_connections_dropped_total{reason=\"no_pong\"}").await == 1.0
     })
     .await;
     assert!(dropped, "the silent client was not dropped within 10 s of falling silent");

@@ -311,9 +311,9 @@ async fn a_closed_group_keeps_history_and_refuses_messages() {
     // A retry of a message sent before closing still answers with its seq, and appends nothing.
     let retried = ac.msg_send(&g, "before-close", text("kept"), false).await.expect("a retry after closing");
     assert_eq!((retried.seq, retried.duplicate), (kept.seq, true));
-    // Membership is frozen: nobody leaves a closed group.
-    let left = bc.request("group.leave", json!({ "group": g })).await;
-    assert_eq!(server_code(left, "group.leave of a closed group"), "conflict");
+    // Nobody joins a closed group.
+    let invited = ac.request("group.invite", json!({ "group": g, "user": unique("late"), "role": "driver" })).await;
+    assert_eq!(server_code(invited, "group.invite to a closed group"), "conflict");
     let info = bc.group_info(&g).await.unwrap();
     assert_eq!(info.state, "closed");
     assert_eq!(info.last_seq, last, "a closed group appended something");

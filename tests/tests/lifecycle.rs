@@ -218,6 +218,14 @@ impl DevNode {
     }
 }
 
+impl Drop for DevNode {
+    /// A failed test leaves no node behind (after `stop` this finds it gone).
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
 /// `convoy dev` needs no configuration: it prints where it listens and a demo token that
 /// works, keeps the secret it generated in its data directory (so `convoy token` mints
 /// tokens it accepts, before and after a restart), and stops cleanly on SIGTERM.
@@ -256,4 +264,31 @@ async fn convoy_dev_needs_no_configuration_and_its_tokens_work_across_restarts()
     demo.hello(&demo_token, "cli").await.expect("the first run's token works after a restart");
     assert_eq!(demo.msg_sync(&g, 0, 10).await.unwrap().last_seq, sent.seq, "the data survived the restart");
     assert!(tokio::task::block_in_place(|| dev.stop()).success());
+}
+
+/// The shard count is fixed once data exists: a node restarted with another
+/// `cluster.shards` stops with an error naming both values instead of serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_another_shard_count_stops_with_an_error() {
+    let mut node = Node::start(NodeOptions::new());
+    let c = connect(&node, &unique("a"), &["dispatcher"]).await;
+    open_group(&c, &unique("g"), vec![]).await;
+    drop(c);
+    assert!(tokio::task::block_in_place(|| node.terminate()).success());
+    let config_path = node.dir().join("convoy.toml");
+    let mut config: toml::Table = std::fs::read_to_string(&config_path).unwrap().parse().unwrap();
+    let cluster = config.entry("cluster").or_insert_with(|| toml::Value::Table(Default::default()));
+    cluster.as_table_mut().unwrap().insert("shards".into(), toml::Value::Integer(16));
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(convoy_tests::node::convoy_bin())
+            .args(["start", "--config"])
+            .arg(&config_path)
+            .env_remove("CONVOY_AUTH_SECRET")
+            .output()
+            .unwrap()
+    });
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a node with a changed shard count started: {said}");
+    assert!(said.contains("cluster.shards is 16 on this node but the cluster was formed with 8"), "{said}");
 }

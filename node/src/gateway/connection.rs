@@ -133,7 +133,12 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                 close_with!(close::GOING_AWAY, "node shutting down; reconnect to another node");
             }
             _ = overflow.notified() => drop_slow_reader!(),
-            _ = sleep_until(deadline) => {
+            // One timer for both deadlines: the hello or token expiry, and the pong.
+            _ = sleep_until(deadline.min(last_heard + gw.limits.pong_timeout)) => {
+                if Instant::now() < deadline {
+                    metrics::counter!("convoy_connections_dropped_total", "reason" => "no_pong").increment(1);
+                    close_with!(close::TOO_SLOW, "no pong in time");
+                }
                 let reason = if session.is_some() { "token expired" } else { "no valid hello in time" };
                 close_with!(close::UNAUTHORIZED, reason);
             }
@@ -176,10 +181,6 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                     Written::Failed => break,
                     Written::Overflowed => drop_slow_reader!(),
                 }
-            }
-            _ = sleep_until(last_heard + gw.limits.pong_timeout) => {
-                metrics::counter!("convoy_connections_dropped_total", "reason" => "no_pong").increment(1);
-                close_with!(close::TOO_SLOW, "no pong in time");
             }
             _ = ping.tick() => {
                 if !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) { break; }
