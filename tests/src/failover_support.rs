@@ -460,13 +460,16 @@ pub async fn settled_leader(cluster: &Cluster, via: usize, group: &str) -> usize
     cluster.wait_for_leader(via, "group", group, None, Duration::from_secs(10)).await.expect("a leader")
 }
 
-/// Panics unless node `leader` still leads `group`'s shard as node `via` sees it: checked right
+/// Whether node `leader` still leads `group`'s shard as node `via` sees it: checked right
 /// before `leader` is disrupted, so that a test never measures the loss of a follower.
+pub async fn still_leads(cluster: &Cluster, via: usize, group: &str, leader: usize) -> bool {
+    cluster.leader_of(via, "group", group).await == Some(leader)
+}
+
+/// Panics unless [`still_leads`].
 pub async fn assert_still_leads(cluster: &Cluster, via: usize, group: &str, leader: usize) {
-    let now = cluster.leader_of(via, "group", group).await;
-    assert_eq!(
-        now,
-        Some(leader),
+    assert!(
+        still_leads(cluster, via, group, leader).await,
         "the leadership of {group}'s shard moved before {} was disrupted",
         cluster.node(leader).id()
     );
