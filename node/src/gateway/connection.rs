@@ -115,6 +115,16 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
             close_with!(close::TOO_SLOW, "outbound queue full: read faster", SLOW_READER_CLOSE)
         }};
     }
+    // Writes a batch of frames unless the outbound queue overflows first.
+    macro_rules! write_out {
+        ($write:expr) => {
+            match unless_overflowed($write, &overflow).await {
+                Written::Done => {}
+                Written::Failed => break,
+                Written::Overflowed => drop_slow_reader!(),
+            }
+        };
+    }
 
     loop {
         let deadline = match &session {
@@ -158,11 +168,7 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                     }
                     ok && flush(&mut sink).await
                 };
-                match unless_overflowed(write, &overflow).await {
-                    Written::Done => {}
-                    Written::Failed => break,
-                    Written::Overflowed => drop_slow_reader!(),
-                }
+                write_out!(write);
             }
             Some(first) = frames_rx.recv() => {
                 // Write what is queued in one go, then flush once.
@@ -176,11 +182,7 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                     }
                     ok && flush(&mut sink).await
                 };
-                match unless_overflowed(write, &overflow).await {
-                    Written::Done => {}
-                    Written::Failed => break,
-                    Written::Overflowed => drop_slow_reader!(),
-                }
+                write_out!(write);
             }
             _ = ping.tick() => {
                 if !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) { break; }
