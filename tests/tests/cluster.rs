@@ -183,3 +183,36 @@ async fn a_node_that_counts_shards_differently_is_refused_and_says_so() {
     // The cluster goes on serving what it had.
     c.msg_send(&g, "after", text("still here"), false).await.expect("a send after the odd node left");
 }
+
+/// The controller spreads shard leaders once and then leaves them alone: it must not count a
+/// shard whose leadership is being handed over as led by nobody, move more leaderships for the
+/// same imbalance, and move them back later (a leader a test or an operator just looked up would
+/// move away under it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_leaders_are_spread_once_and_then_left_alone() {
+    let cluster = Cluster::start(3, NodeOptions::new());
+    let settled = wait_until(Duration::from_secs(30), || failover_support::leaders_settled(&cluster, 0)).await;
+    assert!(settled, "shard leaders did not settle within 30 s: {}", cluster.status(0).await);
+    let leaders = |status: serde_json::Value| -> Vec<(String, String)> {
+        let groups = status["groups"].as_array().cloned().unwrap_or_default();
+        groups.iter().map(|g| (g["group"].to_string(), g["leader"].to_string())).collect()
+    };
+    let spread = leaders(cluster.status(0).await);
+    let mut transfers = 0.0;
+    for node in &cluster.nodes {
+        transfers += metric(node, "convoy_shard_leader_transfers_total").await;
+    }
+    // A move is asked for within a controller round (0.3 s) of the imbalance being seen; 5 s
+    // covers the controller's 3 s pause after acting on a shard.
+    let moved = wait_until(Duration::from_secs(5), || async { leaders(cluster.status(0).await) != spread }).await;
+    let mut transfers_after = 0.0;
+    for node in &cluster.nodes {
+        transfers_after += metric(node, "convoy_shard_leader_transfers_total").await;
+    }
+    assert!(
+        !moved && transfers_after == transfers,
+        "a shard leader moved after the leaders had settled ({transfers} transfers before, {transfers_after} after): \
+         {spread:?} then {}",
+        cluster.status(0).await
+    );
+}

@@ -33,6 +33,10 @@ pub struct Controller {
     shard_count: u16,
     replication_factor: u8,
     acted: Mutex<HashMap<RaftGroupId, Instant>>,
+    /// The leadership transfer last asked for, and when. Until the view shows it done (or
+    /// [`COOLDOWN`] passes) no other leader moves: counted mid-way, the same imbalance
+    /// would move a second and a third leadership, and later move them back.
+    transfer: Mutex<Option<(LeaderMove, Instant)>>,
 }
 
 impl Controller {
@@ -52,6 +56,7 @@ impl Controller {
             shard_count,
             replication_factor,
             acted: Mutex::new(HashMap::new()),
+            transfer: Mutex::new(None),
         })
     }
 
@@ -100,13 +105,23 @@ impl Controller {
         }
         self.reconcile_meta_group(state, &meta_report.voters, &meta_report.learners).await?;
         let mut led: BTreeMap<NodeId, Vec<RaftGroupId>> = state.active().map(|n| (n, Vec::new())).collect();
+        let mut every_shard_led = true;
         for s in 0..state.shards {
             let group = RaftGroupId(s);
             let desired = state.replicas(group);
-            if desired.is_empty() || self.cooling(group) {
+            if desired.is_empty() {
                 continue;
             }
-            match self.view.group(group).filter(|v| !v.voters.is_empty()) {
+            let view = self.view.group(group).filter(|v| !v.voters.is_empty());
+            // Shards just acted on count too: leaving them out makes their leader look idle.
+            match view.as_ref().and_then(|v| v.leader) {
+                Some(leader) => led.entry(leader).or_default().push(group),
+                None => every_shard_led = false,
+            }
+            if self.cooling(group) {
+                continue;
+            }
+            match view {
                 // Never created (nobody reports a member): the first placed replica
                 // creates it with all of them.
                 None => {
@@ -117,7 +132,6 @@ impl Controller {
                 }
                 Some(view) => {
                     let Some(leader) = view.leader else { continue };
-                    led.entry(leader).or_default().push(group);
                     let have: BTreeSet<NodeId> = view.voters.iter().copied().collect();
                     let want: BTreeSet<NodeId> = desired.iter().copied().collect();
                     if have != want {
@@ -130,7 +144,9 @@ impl Controller {
                 }
             }
         }
-        self.balance_leaders(state, led).await?;
+        if every_shard_led {
+            self.balance_leaders(state, led).await?;
+        }
         self.forget_drained(state).await
     }
 
@@ -168,9 +184,9 @@ impl Controller {
         node == self.transport.me() || self.transport.is_up(node)
     }
 
-    /// Moves one leadership per round from the busiest node to the idlest, when they
-    /// differ by two or more. Not while a member is unreachable: leadership handed to a
-    /// node that cannot take it only causes an election.
+    /// Moves one leadership from the busiest node to the idlest, when they differ by two or
+    /// more, once the previous move is seen done. Not while a member is unreachable:
+    /// leadership handed to a node that cannot take it only causes an election.
     async fn balance_leaders(
         &self,
         state: &ClusterState,
@@ -179,13 +195,21 @@ impl Controller {
         if !state.members.keys().all(|n| self.reachable(*n)) {
             return Ok(());
         }
-        let Some(LeaderMove { group, from: busiest, to: idlest }) = leader_to_move(state, &led, |g, to| {
+        if let Some((last, asked)) = *self.transfer.lock() {
+            let done = self.view.leader(last.group) == Some(last.to);
+            if !done && asked.elapsed() < COOLDOWN {
+                return Ok(());
+            }
+        }
+        let Some(next @ LeaderMove { group, from: busiest, to: idlest }) = leader_to_move(state, &led, |g, to| {
             !self.cooling(g) && self.view.group(g).is_some_and(|v| v.voters.contains(&to))
         }) else {
             return Ok(());
         };
         tracing::info!(%group, from = format!("{busiest:x}"), to = format!("{idlest:x}"), "spreading shard leaders");
         self.acted_on(group);
+        *self.transfer.lock() = Some((next, Instant::now()));
+        metrics::counter!("convoy_shard_leader_transfers_total").increment(1);
         self.control(busiest, Control::TransferLeader { group, to: idlest }).await
     }
 
