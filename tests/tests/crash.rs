@@ -87,14 +87,15 @@ async fn send_until_error(
 
 /// Checks `group`'s whole log against everything known: contiguous seqs, every ack at its seq,
 /// every earlier observed entry unchanged, every client entry attempted exactly once. Adds the
-/// entries seen to `observed`.
+/// entries seen to `observed`; returns the number of entries and the (sender, client_msg_id) of
+/// the client entries.
 async fn check_group(
     client: &Client,
     group: &str,
     acks: &[Ack],
     attempted: &BTreeSet<(String, String, String)>,
     observed: &mut BTreeMap<(String, u64), Value>,
-) -> usize {
+) -> (usize, BTreeSet<(String, String)>) {
     let entries = sync_all(client, group, 0, 500).await;
     let last = client.group_info(group).await.expect("group.info").last_seq;
     let seqs: Vec<u64> = entries.iter().map(seq_of).collect();
@@ -129,7 +130,7 @@ async fn check_group(
             observed.insert(key, entry.clone());
         }
     }
-    entries.len()
+    (entries.len(), keys)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +178,7 @@ async fn kill9_during_bursts_loses_no_acked_message() {
         let checker = connect(&node, &users[0], &["dispatcher"]).await;
         let mut stored = 0;
         for g in &groups {
-            stored += check_group(&checker, g, &all_acks, &attempted, &mut observed).await;
+            stored += check_group(&checker, g, &all_acks, &attempted, &mut observed).await.0;
         }
         let unacked = attempted.len() - all_acks.len();
         eprintln!(
@@ -242,7 +243,12 @@ async fn sigterm_exits_zero_and_keeps_everything_acked() {
     let checker = connect(&node, &users[0], &["dispatcher"]).await;
     let acks = record.acks.lock().unwrap().clone();
     let attempted = record.attempted.lock().unwrap().clone();
-    check_group(&checker, &g, &acks, &attempted, &mut BTreeMap::new()).await;
+    let (_, stored) = check_group(&checker, &g, &acks, &attempted, &mut BTreeMap::new()).await;
+    // Requests in flight when the signal came were finished and answered: a message stored
+    // without an ack would be one whose reply the shutdown dropped.
+    let acked: BTreeSet<(String, String)> = acks.iter().map(|a| (a.user.clone(), a.cmid.clone())).collect();
+    let unanswered: Vec<&(String, String)> = stored.difference(&acked).collect();
+    assert!(unanswered.is_empty(), "stored but never acknowledged across SIGTERM: {unanswered:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

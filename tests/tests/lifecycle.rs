@@ -157,6 +157,66 @@ async fn a_failed_entity_actor_restarts_from_stored_state() {
     assert!(idle.body.contains(r#""crashed":false"#), "{idle:?}");
     let bad = admin_post(&node, "/v1/chaos/entities/planet/x/crash").await;
     assert_eq!(bad.status, 404, "{bad:?}");
+    let bad_hang = admin_post(&node, &format!("/v1/chaos/entities/group/{g}/crash?ms=0")).await;
+    assert_eq!(bad_hang.status, 400, "{bad_hang:?}");
+    assert!(bad_hang.body.contains("from 1 to 10000"), "the refusal says what to pass: {bad_hang:?}");
+}
+
+/// Requests caught in an entity actor's failure (queued in its mailbox while it hangs, then
+/// fails) are answered `unavailable`, never left without an answer; retried, each is stored once.
+/// The node itself retries such a request until `timeouts.leader_wait` has passed: a hang longer
+/// than that makes the client see the `unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_caught_in_an_actor_failure_get_unavailable_not_silence() {
+    const IN_FLIGHT: usize = 64;
+    let node = Node::start(
+        NodeOptions::new()
+            .set("chaos.enabled", true)
+            .set("timeouts.leader_wait", "100ms")
+            .set("limits.requests_per_second", 100_000)
+            .set("limits.request_burst", 100_000),
+    );
+    let user = unique("u");
+    let client = connect(&node, &user, &["dispatcher"]).await;
+    let g = unique("g");
+    open_group(&client, &g, vec![]).await;
+
+    // The actor hangs long enough for every send below to queue behind it, then fails.
+    let crash = admin_post(&node, &format!("/v1/chaos/entities/group/{g}/crash?ms=500")).await;
+    assert_eq!(crash.status, 200, "{crash:?}");
+    assert!(crash.body.contains(r#""crashed":true"#) && crash.body.contains(r#""hang_ms":500"#), "{crash:?}");
+    let sends = (0..IN_FLIGHT).map(|i| {
+        let (client, g, cmid) = (client.clone(), g.clone(), format!("m{i}"));
+        async move {
+            let result = client.msg_send(&g, &cmid, text(&cmid), false).await;
+            (cmid, result)
+        }
+    });
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut caught: Vec<String> = Vec::new();
+    for (cmid, result) in futures::future::join_all(sends).await {
+        match result {
+            Ok(sent) => acked.push((cmid, sent.seq)),
+            Err(ClientError::Server { code, .. }) if code == "unavailable" => caught.push(cmid),
+            Err(e) => panic!("{cmid}, sent while the actor hung: {e} (only ok or unavailable may come back)"),
+        }
+    }
+    assert!(!caught.is_empty(), "none of {IN_FLIGHT} sends queued behind the hanging actor was answered unavailable");
+    assert_eq!(metric(&node, "convoy_entity_failures_total").await, 1.0, "the supervisor saw the failure");
+
+    // Nothing caught was stored: every retry is new, and the log holds each send once.
+    for cmid in &caught {
+        let sent = client.msg_send(&g, cmid, text(cmid), false).await.expect("a retry after the restart");
+        assert!(!sent.duplicate, "{cmid} was answered unavailable but had been stored");
+        acked.push((cmid.clone(), sent.seq));
+    }
+    let log = sync_all(&client, &g, 0, 500).await;
+    assert_eq!(log.len(), 1 + IN_FLIGHT, "the open entry and every send once");
+    for (cmid, seq) in &acked {
+        let entry = log.iter().find(|e| seq_of(e) == *seq).unwrap_or_else(|| panic!("seq {seq} missing"));
+        assert_eq!(entry["client_msg_id"], cmid.as_str(), "seq {seq}");
+    }
+    eprintln!("{} of {IN_FLIGHT} sends queued behind a failing actor, all answered unavailable", caught.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

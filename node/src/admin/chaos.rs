@@ -96,17 +96,18 @@ pub(super) async fn faults(State(s): State<Arc<AdminState>>, headers: HeaderMap)
 }
 
 /// The delay asked for with `?ms=N`.
-fn delay_param(query: &HashMap<String, String>) -> Result<Duration, JsonReply> {
+/// `?ms=N`, from 1 to [`MAX_DELAY`] in milliseconds; `None` when absent.
+fn ms_param(query: &HashMap<String, String>) -> Result<Option<Duration>, JsonReply> {
+    let Some(raw) = query.get("ms") else { return Ok(None) };
     let max = MAX_DELAY.as_millis();
     let bad = |what: String| {
         refuse(StatusCode::BAD_REQUEST, format!("{what}: pass ?ms=N with N milliseconds, from 1 to {max}"))
     };
-    let raw = query.get("ms").ok_or_else(|| bad("no delay given".into()))?;
     let ms: u64 = raw.trim().parse().map_err(|_| bad(format!("ms={raw:?} is not a whole number")))?;
     if ms == 0 || u128::from(ms) > max {
         return Err(bad(format!("ms={ms} is out of range")));
     }
-    Ok(Duration::from_millis(ms))
+    Ok(Some(Duration::from_millis(ms)))
 }
 
 /// `POST /v1/chaos/peers/{name}/drop|delay|heal`: drop all traffic with peer `name`, delay
@@ -128,7 +129,12 @@ pub(super) async fn peer_fault(
             json!({ "peer": name, "fault": "drop" })
         }
         "delay" => {
-            let delay = delay_param(&query)?;
+            let Some(delay) = ms_param(&query)? else {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("no delay given: pass ?ms=N with N milliseconds, from 1 to {}", MAX_DELAY.as_millis()),
+                ));
+            };
             let ms = delay.as_millis() as u64;
             faults.set_delay(node, delay);
             tracing::warn!(peer = %name, fault = "delay", delay_ms = ms, "fault injected: messages to the peer are delayed");
@@ -221,22 +227,28 @@ pub(super) async fn storage_fault(
     Ok(axum::Json(reply))
 }
 
-/// `POST /v1/chaos/entities/{kind}/{id}/crash`: the entity's actor fails on purpose.
+/// `POST /v1/chaos/entities/{kind}/{id}/crash`: the entity's actor fails on purpose; with
+/// `?ms=N` it first hangs N ms, so that requests queue up in its mailbox.
 pub(super) async fn crash_entity(
     State(s): State<Arc<AdminState>>,
     headers: HeaderMap,
     Path((kind, id)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Answer {
     allowed(&s, &headers)?;
+    let hang = ms_param(&query)?.unwrap_or_default();
     let key = entity_key(&kind, &id)?;
     let group = s.router.shard_of(&key);
     let Some(host) = s.router.local(group) else {
         return Err(refuse(StatusCode::CONFLICT, format!("{key} lives in {group}, which this node does not hold")));
     };
-    let crashed = host.entities().crash(&key);
+    let crashed = host.entities().crash(&key, hang);
+    let hang_ms = hang.as_millis() as u64;
     if crashed {
-        tracing::warn!(entity = %key, fault = "entity_crash", "fault injected: the entity's actor crashes");
+        tracing::warn!(entity = %key, fault = "entity_crash", hang_ms, "fault injected: the entity's actor crashes");
         injected("entity_crash");
     }
-    Ok(axum::Json(json!({ "entity": key.to_string(), "shard": group.to_string(), "crashed": crashed })))
+    Ok(axum::Json(json!({
+        "entity": key.to_string(), "shard": group.to_string(), "crashed": crashed, "hang_ms": hang_ms
+    })))
 }

@@ -54,9 +54,11 @@ pub enum EntityMsg {
         reply: oneshot::Sender<Handling>,
     },
     Applied(AppliedEffects),
-    /// Fail on purpose (fault injection): the supervisor forgets the actor, the next
-    /// request starts a fresh one from the stored state.
-    Crash,
+    /// Fail on purpose (fault injection), after hanging this long: the supervisor forgets
+    /// the actor, the next request starts a fresh one from the stored state.
+    Crash {
+        hang: Duration,
+    },
 }
 
 struct Handle {
@@ -157,10 +159,11 @@ impl EntityHost {
         metrics::gauge!("convoy_entities_active", "group" => self.group.to_string()).set(0.0);
     }
 
-    /// Makes the active actor of `key` fail. False if it was not active.
-    pub fn crash(&self, key: &EntityKey) -> bool {
+    /// Makes the active actor of `key` fail after hanging for `hang` (requests queue behind
+    /// it meanwhile). False if it was not active.
+    pub fn crash(&self, key: &EntityKey, hang: Duration) -> bool {
         let actor = self.actors.lock().get(key).map(|h| h.actor.clone());
-        actor.is_some_and(|a| a.cast(EntityMsg::Crash).is_ok())
+        actor.is_some_and(|a| a.cast(EntityMsg::Crash { hang }).is_ok())
     }
 
     pub fn active(&self) -> usize {
@@ -359,7 +362,10 @@ impl Actor for EntityActor {
                     behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime)
                 });
             }
-            EntityMsg::Crash => return Err(format!("{}: crash injected through the chaos admin API", s.key).into()),
+            EntityMsg::Crash { hang } => {
+                tokio::time::sleep(hang).await;
+                return Err(format!("{}: crash injected through the chaos admin API", s.key).into());
+            }
         }
         Ok(())
     }
