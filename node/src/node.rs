@@ -236,6 +236,9 @@ pub async fn run(
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Starting);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The admin endpoints stop last: while connections drain, /readyz says so and /metrics
+    // shows the drain.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let hub = Arc::new(Hub::default());
 
     // Listen first: a port in use should fail fast, before any Raft group starts.
@@ -327,7 +330,7 @@ pub async fn run(
         storage: store.writer().faults().clone(),
         reported: convoy_actors::domain::reported_entities(&domain),
     });
-    let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, shutdown_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(cfg.admin.listen, admin_app, admin_stop_rx));
 
     // Peers: the seeds, then every member the cluster state names.
     let seeds: Vec<String> = cfg.cluster.seeds.iter().filter(|s| **s != addr.cluster_addr).cloned().collect();
@@ -388,6 +391,7 @@ pub async fn run(
     for host in router.local_hosts() {
         host.shutdown().await;
     }
+    let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
     // Everything acknowledged is already durable; this makes the rest durable too.
     store.writer().stop().await;

@@ -195,7 +195,7 @@ async fn kill9_during_bursts_loses_no_acked_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_and_keeps_everything_acked() {
-    let node = Node::start(burst_options());
+    let node = Node::start(burst_options().set("chaos.enabled", true));
     let users: Vec<String> = (0..3).map(|i| unique(&format!("t{i}"))).collect();
     let g = unique("term");
     {
@@ -219,15 +219,37 @@ async fn sigterm_exits_zero_and_keeps_everything_acked() {
     }
     record.wait_reached(Duration::from_secs(30)).await;
 
-    // SIGTERM while the senders are still going.
-    let (mut node, status) = tokio::task::spawn_blocking(move || {
+    // Writes in flight when the signal comes: the storage stalls so that sends wait in it, the
+    // signal comes, and the writes go through only once the node is draining.
+    let stalled = admin_post(&node, "/v1/chaos/storage/stall").await;
+    assert_eq!(stalled.status, 200, "{stalled:?}");
+    let waiting = wait_until(Duration::from_secs(10), || async {
+        metric(&node, "convoy_requests_in_flight").await >= users.len() as f64
+    })
+    .await;
+    assert!(waiting, "the senders' requests never all waited in the node");
+    let acked_at_signal = record.ack_count.load(Ordering::SeqCst);
+    let (readyz, heal, admin) = (
+        format!("{}/readyz", node.admin_url()),
+        format!("{}/v1/chaos/storage/heal", node.admin_url()),
+        admin_token(&node),
+    );
+    let terminated = tokio::task::spawn_blocking(move || {
         let mut node = node;
         let status = node.terminate();
         (node, status)
-    })
-    .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    });
+    let draining =
+        wait_until(Duration::from_secs(10), || async { http::get(&readyz).await.is_ok_and(|r| r.status == 503) }).await;
+    assert!(draining, "the node never said it was draining on /readyz");
+    let healed = http::request_with_token("POST", &heal, Some(&admin)).await.expect("healing the storage");
+    assert_eq!(healed.status, 200, "{healed:?}");
+    let (mut node, status) = terminated.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     assert!(status.success(), "SIGTERM: exit status {status}");
+    assert!(
+        record.ack_count.load(Ordering::SeqCst) > acked_at_signal,
+        "the sends waiting in storage when SIGTERM came were never answered"
+    );
     let log = std::fs::read_to_string(node.log_path()).expect("reading the node's log");
     let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert!(errors.is_empty(), "a clean stop logs no errors:\n{}", errors.join("\n"));

@@ -335,7 +335,25 @@ fn admit(gw: &Gateway, req: &frame::RequestFrame, pending: usize, in_flight: &Ha
     None
 }
 
+/// Counts a request in `convoy_requests_in_flight` for as long as it lives, also when it is
+/// dropped unanswered because its connection went away.
+struct InFlight;
+
+impl InFlight {
+    fn begin() -> InFlight {
+        metrics::gauge!("convoy_requests_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("convoy_requests_in_flight").decrement(1.0);
+    }
+}
+
 async fn run(gw: Arc<Gateway>, id: String, op: String, route: ops::Route) -> Outcome {
+    let _in_flight = InFlight::begin();
     let started = Instant::now();
     let entity = route.key().clone();
     let result = match timeout(gw.limits.request_timeout, gw.router.dispatch(route)).await {
