@@ -95,17 +95,18 @@ pub(super) async fn faults(State(s): State<Arc<AdminState>>, headers: HeaderMap)
     Ok(axum::Json(in_force(&s)))
 }
 
-/// The delay asked for with `?ms=N`.
+/// A refusal of a missing or bad `?ms=N`, saying what to pass.
+fn bad_ms(what: String) -> JsonReply {
+    let max = MAX_DELAY.as_millis();
+    refuse(StatusCode::BAD_REQUEST, format!("{what}: pass ?ms=N with N milliseconds, from 1 to {max}"))
+}
+
 /// `?ms=N`, from 1 to [`MAX_DELAY`] in milliseconds; `None` when absent.
 fn ms_param(query: &HashMap<String, String>) -> Result<Option<Duration>, JsonReply> {
     let Some(raw) = query.get("ms") else { return Ok(None) };
-    let max = MAX_DELAY.as_millis();
-    let bad = |what: String| {
-        refuse(StatusCode::BAD_REQUEST, format!("{what}: pass ?ms=N with N milliseconds, from 1 to {max}"))
-    };
-    let ms: u64 = raw.trim().parse().map_err(|_| bad(format!("ms={raw:?} is not a whole number")))?;
-    if ms == 0 || u128::from(ms) > max {
-        return Err(bad(format!("ms={ms} is out of range")));
+    let ms: u64 = raw.trim().parse().map_err(|_| bad_ms(format!("ms={raw:?} is not a whole number")))?;
+    if ms == 0 || u128::from(ms) > MAX_DELAY.as_millis() {
+        return Err(bad_ms(format!("ms={ms} is out of range")));
     }
     Ok(Some(Duration::from_millis(ms)))
 }
@@ -129,12 +130,7 @@ pub(super) async fn peer_fault(
             json!({ "peer": name, "fault": "drop" })
         }
         "delay" => {
-            let Some(delay) = ms_param(&query)? else {
-                return Err(refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("no delay given: pass ?ms=N with N milliseconds, from 1 to {}", MAX_DELAY.as_millis()),
-                ));
-            };
+            let Some(delay) = ms_param(&query)? else { return Err(bad_ms("no delay given".into())) };
             let ms = delay.as_millis() as u64;
             faults.set_delay(node, delay);
             tracing::warn!(peer = %name, fault = "delay", delay_ms = ms, "fault injected: messages to the peer are delayed");
