@@ -79,6 +79,15 @@ impl Cluster {
         self.nodes.iter().position(|n| n.id() == name).unwrap_or_else(|| panic!("no node named {name}"))
     }
 
+    /// Metric `name` summed over every node of the cluster (see [`crate::metric`]).
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let mut total = 0.0;
+        for node in &self.nodes {
+            total += crate::metric(node, name).await;
+        }
+        total
+    }
+
     /// The index of the node leading the shard of `kind`/`id`, asked of node `via`.
     pub async fn leader_of(&self, via: usize, kind: &str, id: &str) -> Option<usize> {
         let v = admin_get(self.node(via), &format!("/v1/entities/{kind}/{id}")).await.ok()?;

@@ -198,17 +198,11 @@ async fn shard_leaders_are_spread_once_and_then_left_alone() {
         groups.iter().map(|g| (g["group"].to_string(), g["leader"].to_string())).collect()
     };
     let spread = leaders(cluster.status(0).await);
-    let mut transfers = 0.0;
-    for node in &cluster.nodes {
-        transfers += metric(node, "convoy_shard_leader_transfers_total").await;
-    }
+    let transfers = cluster.metric_total("convoy_shard_leader_transfers_total").await;
     // A move is asked for within a controller round (0.3 s) of the imbalance being seen; 5 s
     // covers the controller's 3 s pause after acting on a shard.
     let moved = wait_until(Duration::from_secs(5), || async { leaders(cluster.status(0).await) != spread }).await;
-    let mut transfers_after = 0.0;
-    for node in &cluster.nodes {
-        transfers_after += metric(node, "convoy_shard_leader_transfers_total").await;
-    }
+    let transfers_after = cluster.metric_total("convoy_shard_leader_transfers_total").await;
     assert!(
         !moved && transfers_after == transfers,
         "a shard leader moved after the leaders had settled ({transfers} transfers before, {transfers_after} after): \
