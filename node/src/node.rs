@@ -215,7 +215,7 @@ pub async fn run(
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,
         max_staged_bytes: cfg.storage.max_staged_bytes as usize,
     };
-    let (store, writer_thread) = Store::open(&data_dir.join("db"), cfg.storage.cache_capacity_bytes, limits)?;
+    let (store, writer_thread) = Store::open(&data_dir, cfg.storage.cache_capacity_bytes, limits)?;
     let node_id = identity(&store, &cfg.node.id, &data_dir).await?;
     let client_tls = match (&cfg.client.tls_cert, &cfg.client.tls_key) {
         (Some(cert), Some(key)) => Some(

@@ -15,7 +15,7 @@ impl StoreBuilder<TypeConfig, RaftLog, ShardStateMachine, tempfile::TempDir> for
     async fn build(&self) -> Result<(tempfile::TempDir, RaftLog, ShardStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
-        let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
+        let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
         let group = RaftGroupId(3);
         let data = Arc::new(ShardData::new(group, store.clone(), 1024));
         let sm = ShardStateMachine::open(group, store.clone(), data, dir.path().join("snapshots")).expect("open sm");
@@ -28,149 +28,250 @@ async fn openraft_storage_suite() {
     Suite::test_all(SledBuilder).await.expect("the storage suite passes");
 }
 
-/// A purge records its point at once and deletes the segments it frees afterwards, in small
-/// storage jobs; they must all go, and nothing after the purge point with them.
+/// A purge takes effect at once: what it covers is never read again, and what follows it
+/// reads back whole, also after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_purge_deletes_every_wholly_purged_segment_and_keeps_the_rest() {
-    use std::ops::Bound;
-
-    use convoy_node::store::keys;
+async fn a_purge_drops_what_it_covers_and_keeps_the_rest_across_a_restart() {
     use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
     use openraft::testing::{blank_ent, log_id};
 
     let dir = tempfile::tempdir().expect("temp dir");
     let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
-    let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
     let group = RaftGroupId(3);
-    let mut log = RaftLog::new(group, store.clone());
-    // One append per entry: one segment each, as under light load.
-    for index in 1..=2_000u64 {
-        log.append([blank_ent::<TypeConfig>(1, 1, index)], IOFlushed::noop()).await.expect("append");
+    {
+        let (store, writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
+        let mut log = RaftLog::new(group, store.clone());
+        // One append per entry, as under light load.
+        for index in 1..=2_000u64 {
+            log.append([blank_ent::<TypeConfig>(1, 1, index)], IOFlushed::noop()).await.expect("append");
+        }
+        log.purge(log_id::<TypeConfig>(1, 1, 1_500)).await.expect("purge");
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1_500));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(2_000));
+        store.writer().stop().await;
+        drop((log, store));
+        writer.join().expect("the writer ends");
     }
-    store.writer().barrier().await.expect("appends written");
-    let segments = || {
-        let (lo, hi) = keys::segments(group);
-        store
-            .engine()
-            .range(Bound::Included(&lo), Bound::Excluded(&hi), false, usize::MAX)
-            .expect("read segments")
-            .into_iter()
-            .filter_map(|(k, _)| keys::segment_index(&k))
-            .collect::<Vec<u64>>()
-    };
-    assert_eq!(segments().len(), 2_000);
-
-    log.purge(log_id::<TypeConfig>(1, 1, 1_500)).await.expect("purge");
+    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("reopen store");
+    let mut log = RaftLog::new(group, store);
     let state = log.get_log_state().await.expect("log state");
-    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1_500));
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1_500), "the purge point survives a restart");
     assert_eq!(state.last_log_id.map(|l| l.index), Some(2_000));
-
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while segments().len() > 500 && std::time::Instant::now() < deadline {
-        store.writer().barrier().await.expect("barrier");
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(segments(), (1_501..=2_000).collect::<Vec<u64>>(), "exactly the segments after the purge point remain");
-    let kept = log.get_log_reader().await.try_get_log_entries(1_501..2_001).await.expect("read the rest");
-    assert_eq!(kept.len(), 500);
+    let kept = log.get_log_reader().await.try_get_log_entries(1..2_001).await.expect("read the rest");
+    assert_eq!(kept.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (1_501..=2_000).collect::<Vec<u64>>());
 }
 
-/// A snapshot copies the rows that change at its cut and the entity logs afterwards, while
-/// applies go on: it must hold exactly what the state machine held at the cut, none of the
-/// entries applied after it, and install as that state on another replica.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_holds_its_cut_and_nothing_applied_while_it_was_built() {
-    use std::ops::Bound;
+struct Opened {
+    store: Store,
+    sm: ShardStateMachine,
+    data: Arc<ShardData>,
+    writer: std::thread::JoinHandle<()>,
+}
 
-    use convoy_actors::Timestamp;
-    use convoy_actors::behavior::Request;
-    use convoy_actors::domain::{Command, DomainConfig};
-    use convoy_actors::ops::{self, Route};
-    use convoy_actors::principal::Principal;
-    use convoy_node::shard::{EntityCommand, RaftRequest};
-    use convoy_node::store::keys;
-    use openraft::entry::RaftEntry;
-    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use openraft::testing::log_id;
+async fn open_state_machine(dir: &std::path::Path, group: RaftGroupId) -> Opened {
+    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+    let (store, writer) = Store::open(dir, 16 << 20, limits).expect("open store");
+    let data = Arc::new(ShardData::new(group, store.clone(), 1024));
+    let sm = ShardStateMachine::open(group, store.clone(), data.clone(), dir.join("snapshots")).expect("open sm");
+    Opened { store, sm, data, writer }
+}
 
-    async fn open(dir: &std::path::Path, group: RaftGroupId) -> (Store, ShardStateMachine) {
-        let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
-        let (store, _writer) = Store::open(&dir.join("db"), 16 << 20, limits).expect("open store");
-        let data = Arc::new(ShardData::new(group, store.clone(), 1024));
-        let sm = ShardStateMachine::open(group, store.clone(), data, dir.join("snapshots")).expect("open sm");
-        (store, sm)
+/// Every row of `group`'s state machine, as readers see it.
+fn state_machine_rows(store: &Store, group: RaftGroupId) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let (lo, hi) = convoy_node::store::keys::state_machine(group);
+    store
+        .engine()
+        .range(std::ops::Bound::Included(&lo), std::ops::Bound::Excluded(&hi), false, usize::MAX)
+        .expect("read")
+}
+
+/// How many of `rows` are entity log entries or idempotency records.
+fn log_rows(rows: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    rows.iter().filter(|(k, _)| convoy_node::store::keys::append_only_row(k).is_some()).count()
+}
+
+/// Applies protocol requests to a state machine as consecutive log entries, as one user.
+struct Requests {
+    who: convoy_actors::principal::Principal,
+    index: u64,
+}
+
+impl Requests {
+    fn new() -> Requests {
+        let who = convoy_actors::principal::Principal::from_claims("u-1", &["customer".into()], &[], None)
+            .expect("principal");
+        Requests { who, index: 0 }
     }
-    fn rows(store: &Store, group: RaftGroupId) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let (lo, hi) = keys::state_machine(group);
-        store.engine().range(Bound::Included(&lo), Bound::Excluded(&hi), false, usize::MAX).expect("read")
-    }
-    let who = Principal::from_claims("u-1", &["customer".into()], &[], None).expect("principal");
-    let cfg = DomainConfig::default();
-    let index = std::cell::Cell::new(0u64);
-    // Applies the protocol request `op` with `fields`, as the next log entry.
-    let apply = async |sm: &mut ShardStateMachine, op: &str, fields: serde_json::Value| {
+
+    /// Applies the request `op` with `fields` as the next log entry.
+    async fn apply(&mut self, sm: &mut ShardStateMachine, op: &str, fields: serde_json::Value) {
+        use convoy_actors::Timestamp;
+        use convoy_actors::behavior::Request;
+        use convoy_actors::domain::{Command, DomainConfig};
+        use convoy_actors::ops::{self, Route};
+        use convoy_node::shard::{EntityCommand, RaftRequest};
+        use openraft::entry::RaftEntry;
+        use openraft::storage::RaftStateMachine;
+        use openraft::testing::log_id;
+
         let fields = fields.as_object().expect("an object").clone();
-        let Route::Actor { key, request } = ops::parse(op, &fields, &who, &cfg, |p| format!("{p}-x")).expect(op) else {
+        let Route::Actor { key, request } =
+            ops::parse(op, &fields, &self.who, &DomainConfig::default(), |p| format!("{p}-x")).expect(op)
+        else {
             panic!("{op} is a query")
         };
         let cmd = match request {
             Request::Group(c) => Command::Group(c),
             other => panic!("{op} gave {other:?}"),
         };
-        index.set(index.get() + 1);
+        self.index += 1;
         let entry = convoy_node::shard::Entry::new_normal(
-            log_id::<TypeConfig>(1, 1, index.get()),
-            RaftRequest::Entity(EntityCommand { key, cmd, at: Timestamp(index.get()), traceparent: None }),
+            log_id::<TypeConfig>(1, 1, self.index),
+            RaftRequest::Entity(EntityCommand { key, cmd, at: Timestamp(self.index), traceparent: None }),
         );
         sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
-    };
+    }
+
+    async fn open_group(&mut self, sm: &mut ShardStateMachine, group: &str) {
+        let fields = serde_json::json!({"group": group, "kind": "chat", "members": [{"user": "u-2", "role": "agent"}]});
+        self.apply(sm, "group.open", fields).await;
+    }
+
+    async fn send(&mut self, sm: &mut ShardStateMachine, group: &str, client_msg_id: &str) {
+        let fields = serde_json::json!({"group": group, "client_msg_id": client_msg_id, "body": {"type": "text", "text": client_msg_id}});
+        self.apply(sm, "msg.send", fields).await;
+    }
+}
+
+/// A snapshot copies the rows that change at its cut, and the entity logs only when it is
+/// read, while applies go on: it must hold exactly what the state machine held at the cut,
+/// none of the entries applied after it, and install as that state on another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_holds_its_cut_and_nothing_applied_while_it_was_built() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 
     let group = RaftGroupId(3);
     let dir = tempfile::tempdir().expect("temp dir");
-    let (store, mut sm) = open(dir.path(), group).await;
+    let Opened { store, mut sm, .. } = open_state_machine(dir.path(), group).await;
+    let mut requests = Requests::new();
     for g in ["g-1", "g-2"] {
-        apply(
-            &mut sm,
-            "group.open",
-            serde_json::json!({"group": g, "kind": "chat", "members": [{"user": "u-2", "role": "agent"}]}),
-        )
-        .await;
+        requests.open_group(&mut sm, g).await;
     }
     for n in 0..300 {
-        let g = if n % 3 == 0 { "g-2" } else { "g-1" };
-        apply(&mut sm, "msg.send", serde_json::json!({"group": g, "client_msg_id": format!("m-{n}"), "body": {"type": "text", "text": format!("before {n}")}})).await;
+        requests.send(&mut sm, if n % 3 == 0 { "g-2" } else { "g-1" }, &format!("m-{n}")).await;
     }
     let mut builder = sm.get_snapshot_builder().await;
-    let at_cut = rows(&store, group);
-    let cut_index = index.get();
-    let logged = |rows: &[(Vec<u8>, Vec<u8>)]| rows.iter().filter(|(k, _)| keys::append_only_row(k).is_some()).count();
-    assert_eq!(logged(&at_cut), 2 + 2 * 300, "two groups' opening entries, 300 messages and their idempotency records");
+    let at_cut = state_machine_rows(&store, group);
+    let cut_index = requests.index;
+    assert_eq!(
+        log_rows(&at_cut),
+        2 + 2 * 300,
+        "two groups' opening entries, 300 messages and their idempotency records"
+    );
 
     // After the cut: more entries in both groups, and a group that did not exist.
     for n in 0..200 {
-        let g = ["g-1", "g-2", "g-3"][n % 3];
         if n == 2 {
-            apply(
-                &mut sm,
-                "group.open",
-                serde_json::json!({"group": "g-3", "kind": "chat", "members": [{"user": "u-2", "role": "agent"}]}),
-            )
-            .await;
+            requests.open_group(&mut sm, "g-3").await;
         }
-        apply(&mut sm, "msg.send", serde_json::json!({"group": g, "client_msg_id": format!("late-{n}"), "body": {"type": "text", "text": format!("after {n}")}})).await;
+        requests.send(&mut sm, ["g-1", "g-2", "g-3"][n % 3], &format!("late-{n}")).await;
     }
     store.writer().barrier().await.expect("applies written");
-    assert!(logged(&rows(&store, group)) > 600, "the later entries are stored");
+    assert!(log_rows(&state_machine_rows(&store, group)) > 600, "the later entries are stored");
 
     let snapshot = builder.build_snapshot().await.expect("build");
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(cut_index));
+    // More entries still, between building the snapshot and reading it.
+    for n in 0..50 {
+        requests.send(&mut sm, "g-1", &format!("later-{n}")).await;
+    }
 
     let other = tempfile::tempdir().expect("temp dir");
-    let (replica, mut replica_sm) = open(other.path(), group).await;
+    let Opened { store: replica, sm: mut replica_sm, .. } = open_state_machine(other.path(), group).await;
     replica_sm.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
-    let installed = rows(&replica, group);
+    let installed = state_machine_rows(&replica, group);
     assert_eq!(installed.len(), at_cut.len(), "the installed state has the cut's rows, no more, no fewer");
     assert!(installed == at_cut, "the installed state is the state at the cut, row for row");
+}
+
+/// A snapshot's file holds its cut alone: the entity logs it names are in the store, which
+/// must keep them through a crash. A crash loses the applies still staged in memory; the
+/// snapshot built before it must still read whole after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reads_whole_after_a_crash_lost_the_staged_applies() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+    let group = RaftGroupId(3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Opened { store, mut sm, data, writer } = open_state_machine(dir.path(), group).await;
+    let mut requests = Requests::new();
+    requests.open_group(&mut sm, "g-1").await;
+    for n in 0..100 {
+        requests.send(&mut sm, "g-1", &format!("m-{n}")).await;
+    }
+    let mut builder = sm.get_snapshot_builder().await;
+    let at_cut = state_machine_rows(&store, group);
+    let snapshot = builder.build_snapshot().await.expect("build");
+    let file_bytes: u64 = std::fs::read_dir(dir.path().join("snapshots").join(group.to_string()))
+        .expect("snapshot directory")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .sum();
+    let logs_bytes: usize = at_cut
+        .iter()
+        .filter(|(k, _)| convoy_node::store::keys::append_only_row(k).is_some())
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    assert!(file_bytes < logs_bytes as u64, "the file ({file_bytes} bytes) holds the logs ({logs_bytes} bytes)");
+    for n in 0..20 {
+        requests.send(&mut sm, "g-1", &format!("late-{n}")).await;
+    }
+    // The crash: the writer ends without taking its staged rows to the engine.
+    drop((store, sm, data, snapshot, builder));
+    writer.join().expect("the writer thread ends");
+
+    let Opened { mut sm, .. } = open_state_machine(dir.path(), group).await;
+    let current = sm.get_current_snapshot().await.expect("read").expect("the snapshot survived");
+    let other = tempfile::tempdir().expect("temp dir");
+    let Opened { store: replica, sm: mut replica_sm, .. } = open_state_machine(other.path(), group).await;
+    replica_sm.install_snapshot(&current.meta, current.snapshot).await.expect("install");
+    assert!(state_machine_rows(&replica, group) == at_cut, "the snapshot reads as its cut after the crash");
+}
+
+/// Idempotency records are known in memory once a background scan after opening has read
+/// them, and from then on a first-time send skips the store: a retry must still be found,
+/// whether its record was scanned or written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_found_once_the_stored_idempotency_records_are_known_in_memory() {
+    let group = RaftGroupId(3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Opened { store, mut sm, data, writer } = open_state_machine(dir.path(), group).await;
+    let mut requests = Requests::new();
+    requests.open_group(&mut sm, "g-1").await;
+    for n in 0..300 {
+        requests.send(&mut sm, "g-1", &format!("m-{n}")).await;
+    }
+    store.writer().stop().await;
+    drop((store, sm, data));
+    writer.join().expect("the writer thread ends");
+
+    let Opened { store, mut sm, data, .. } = open_state_machine(dir.path(), group).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !data.idempotency_records_known() {
+        assert!(std::time::Instant::now() < deadline, "the stored idempotency records were never scanned");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let stored = log_rows(&state_machine_rows(&store, group));
+    assert_eq!(stored, 1 + 2 * 300);
+    for n in (0..300).step_by(7) {
+        requests.send(&mut sm, "g-1", &format!("m-{n}")).await;
+    }
+    store.writer().barrier().await.expect("applies written");
+    assert_eq!(log_rows(&state_machine_rows(&store, group)), stored, "a retry of a scanned record was stored again");
+    requests.send(&mut sm, "g-1", "new").await;
+    requests.send(&mut sm, "g-1", "new").await;
+    store.writer().barrier().await.expect("applies written");
+    assert_eq!(log_rows(&state_machine_rows(&store, group)), stored + 2, "a new message, once, with its record");
 }
 
 /// The state machine hands a batch to the writer and returns, so openraft may apply the
@@ -187,7 +288,7 @@ async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
-    let (store, _writer) = Store::open(&dir.path().join("db"), 16 << 20, limits).expect("open store");
+    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
     let group = RaftGroupId::META;
     let data = Arc::new(ShardData::new(group, store.clone(), 1024));
     let mut sm =

@@ -86,7 +86,7 @@ impl NodeInbound {
                     Err(e) => CallReply::Failed(e),
                     Ok(ChunkOutcome::More) => CallReply::Snapshot(None),
                     Ok(ChunkOutcome::Complete(vote, snapshot)) => {
-                        match raft.install_full_snapshot(vote, snapshot).await {
+                        match raft.install_full_snapshot(vote, *snapshot).await {
                             Ok(resp) => CallReply::Snapshot(Some(resp)),
                             Err(e) => failed(&e),
                         }

@@ -3,7 +3,6 @@
 //! down); the receiver assembles them and installs the whole.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::transport::Transport;
 use super::wire::{Call, CallReply, RaftRpc, SNAPSHOT_CHUNK_BYTES};
-use crate::shard::network::{RaftTransport, Snapshot, TransportError as RaftTransportError};
+use crate::shard::network::{RaftTransport, Snapshot, SnapshotData, TransportError as RaftTransportError};
 use crate::shard::{NodeId, RaftGroupId, SnapshotMeta, TypeConfig, Vote};
 
 /// A snapshot larger than this is refused by the receiver (it is held in memory).
@@ -90,7 +89,11 @@ impl RaftTransport for PeerRaft {
         snapshot: Snapshot,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, RaftTransportError> {
-        let data = snapshot.snapshot.into_inner();
+        let data = snapshot
+            .snapshot
+            .into_rows()
+            .await
+            .map_err(|e| RaftTransportError::Failed(format!("reading the snapshot to send: {e}")))?;
         let total = data.len();
         let mut offset = 0;
         loop {
@@ -148,7 +151,7 @@ pub struct SnapshotAssembly {
 /// A snapshot chunk taken in; `Some` once the last chunk made it whole.
 pub enum ChunkOutcome {
     More,
-    Complete(Vote, Snapshot),
+    Complete(Vote, Box<Snapshot>),
 }
 
 impl SnapshotAssembly {
@@ -176,6 +179,6 @@ impl SnapshotAssembly {
         }
         let (meta, data) = parts.remove(&key).expect("present");
         metrics::counter!("convoy_snapshots_received_total").increment(1);
-        Ok(ChunkOutcome::Complete(vote, Snapshot { meta, snapshot: Cursor::new(data) }))
+        Ok(ChunkOutcome::Complete(vote, Box::new(Snapshot { meta, snapshot: SnapshotData::Rows(data) })))
     }
 }

@@ -20,6 +20,7 @@ use super::wire::GroupReport;
 use crate::entity::{EntityHost, EntityLimits, NodeRuntime};
 use crate::router::Router;
 use crate::shard::{NodeAddr, NodeId, RaftGroupId, RaftSettings, ShardError, ShardHost, ShardParts};
+use crate::store::log_files::{LogWrite, Record};
 use crate::store::{Durability, Store, WriteBatch, keys};
 
 /// How often hosted groups are compared with placement even without a change.
@@ -135,11 +136,11 @@ impl Shards {
             metrics::gauge!(gauge, "group" => group.to_string()).set(0.0);
         }
         let mut batch = WriteBatch::new();
-        let (lo, hi) = keys::raft_group(group);
-        batch.delete_range(lo, hi);
         let (lo, hi) = keys::state_machine(group);
         batch.delete_range(lo, hi);
-        if let Err(e) = self.res.store.writer().write(batch, Durability::Durable).await {
+        let writer = self.res.store.writer();
+        let dropped = writer.write_log(vec![LogWrite::record(Record::Drop { group })], Durability::Durable).await;
+        if let Err(e) = dropped.and(writer.write(batch, Durability::Durable).await) {
             tracing::error!(%group, error = %e, "deleting a retired group's data failed");
         }
         let _ = std::fs::remove_dir_all(self.res.snapshot_root.join(group.to_string()));

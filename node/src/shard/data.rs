@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, watch};
 
 use super::RaftGroupId;
+use super::idempotency::IdempotencyFilter;
 use super::state_machine::{AppliedEffects, AppliedSink};
 use crate::cluster::meta::ClusterState;
 use crate::store::{Store, StoreError, codec, keys};
@@ -48,6 +49,7 @@ pub struct ShardData {
     timers: Mutex<TimerIndex>,
     timers_changed: Notify,
     sink: RwLock<Option<Arc<dyn AppliedSink>>>,
+    idempotency: Arc<IdempotencyFilter>,
 }
 
 fn fault(e: StoreError) -> StorageFault {
@@ -66,6 +68,7 @@ impl ShardData {
             timers: Mutex::new(TimerIndex::default()),
             timers_changed: Notify::new(),
             sink: RwLock::new(None),
+            idempotency: Arc::new(IdempotencyFilter::new(group)),
         }
     }
 
@@ -147,11 +150,34 @@ impl ShardData {
         Ok(())
     }
 
-    /// Forgets cached states after the stored ones were replaced wholesale.
+    /// Forgets cached states after the stored ones were replaced wholesale (after
+    /// [`ShardData::replacing`]), and reads the new ones.
     pub(super) fn reset(&self) -> Result<(), StoreError> {
         self.cache.lock().clear();
+        self.scan_idempotency_records();
         self.reload_cluster()?;
         self.reload_timers()
+    }
+
+    /// The stored rows are about to be replaced wholesale: what is known of them no longer holds.
+    pub(super) fn replacing(&self) {
+        self.idempotency.invalidate();
+    }
+
+    /// Learns the stored idempotency records in the background (startup, snapshot install):
+    /// until then every retry check reads the store.
+    pub(super) fn scan_idempotency_records(&self) {
+        self.idempotency.scan_in_background(self.group, self.store.clone());
+    }
+
+    /// An idempotency record is being written under `row`.
+    pub(super) fn idempotency_recorded(&self, row: &[u8]) {
+        self.idempotency.insert(row);
+    }
+
+    /// Whether every stored idempotency record is known in memory.
+    pub fn idempotency_records_known(&self) -> bool {
+        self.idempotency.is_whole()
     }
 
     /// The earliest deadline, if any.
@@ -182,7 +208,11 @@ impl ShardData {
 
 impl LogIndex for ShardData {
     fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
-        self.store.get("idempotency record", &keys::idempotency(self.group, key, idem)).map_err(fault)
+        let row = keys::idempotency(self.group, key, idem);
+        if self.idempotency.rules_out(&row) {
+            return Ok(None);
+        }
+        self.store.get("idempotency record", &row).map_err(fault)
     }
 }
 

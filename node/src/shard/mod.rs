@@ -6,6 +6,7 @@
 //! applied, so actors start from the replicated state.
 
 mod data;
+mod idempotency;
 pub mod network;
 mod state_machine;
 mod types;

@@ -3,7 +3,6 @@
 //! the cluster layer provides. A node with no peers uses `NoPeers`.
 
 use std::future::Future;
-use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -16,7 +15,7 @@ use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 
 use super::{NodeAddr, NodeId, RaftGroupId, TypeConfig, Vote};
 
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+pub use super::state_machine::{Snapshot, SnapshotData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -127,7 +126,7 @@ impl<T: RaftTransport> Network<T> {
 }
 
 impl<T: RaftTransport> GroupRouter<TypeConfig, RaftGroupId> for Network<T> {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &self,

@@ -5,9 +5,14 @@
 //! same batch, so a crash leaves the state either before or after the whole call. States
 //! become visible to readers (`ShardData`) only once that batch is written, so a reader
 //! never sees an entity ahead of its stored entries.
+//!
+//! A snapshot is its *cut*: the rows that change, copied in order with `apply`. The entity
+//! logs it names are written once and never changed, so they stay in the store and are read
+//! only when the snapshot is sent to a follower (`SnapshotData::into_rows`): building one
+//! costs what the shard's entity states cost, not what its messages do.
 
 use std::collections::HashMap;
-use std::io::{self, Cursor};
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -27,7 +32,43 @@ use crate::cluster::meta::ClusterState;
 use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
 use crate::telemetry::trace;
 
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// A snapshot's rows as openraft carries them between the state machine and the network.
+pub enum SnapshotData {
+    /// Every row of the group's state machine, encoded: what a leader sent.
+    Rows(Vec<u8>),
+    /// A snapshot of this node's own store: the rows that change, as of its cut. The entity
+    /// logs the cut names are read from the store when the rows are needed.
+    Cut(SnapshotCut),
+}
+
+pub struct SnapshotCut {
+    group: RaftGroupId,
+    rows: Rows,
+    store: Store,
+    /// Held while the logs are read: an install, which replaces them, waits.
+    rewrites: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl SnapshotData {
+    /// Every row of the snapshot, encoded. A cut reads the entity logs it names from its
+    /// store, on a thread of its own at background priority.
+    pub async fn into_rows(self) -> Result<Vec<u8>, io::Error> {
+        match self {
+            SnapshotData::Rows(bytes) => Ok(bytes),
+            SnapshotData::Cut(SnapshotCut { group, rows, store, rewrites }) => {
+                let copying = rewrites.read_owned().await;
+                in_the_background(format!("snapshot-{}", group.0), move || {
+                    let rows = copy_logs(&store, group, rows)?;
+                    drop(copying);
+                    Ok(codec::encode(&rows))
+                })
+                .await?
+            }
+        }
+    }
+}
 
 /// What one applied command leaves for the leader's entity actor.
 pub struct AppliedEffects {
@@ -50,10 +91,11 @@ struct AppliedMeta {
     membership: StoredMembership,
 }
 
+/// What a snapshot file holds: the cut, without the entity logs (the store keeps those).
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
-    data: Vec<u8>,
+    cut: Rows,
 }
 
 pub struct ShardStateMachine {
@@ -84,6 +126,7 @@ impl ShardStateMachine {
         let current = CurrentSnapshot::open(snapshot_root.join(group.to_string()))?;
         data.reload_timers()?;
         data.reload_cluster()?;
+        data.scan_idempotency_records();
         Ok(ShardStateMachine {
             group,
             store,
@@ -117,7 +160,7 @@ impl CurrentSnapshot {
         for entry in std::fs::read_dir(&dir).map_err(io_err)? {
             files.push(entry.map_err(io_err)?.path());
         }
-        let newest = files.iter().filter(|p| p.extension().is_some_and(|e| e == "snap")).max().cloned();
+        let newest = files.iter().filter(|p| p.extension().is_some_and(|e| e == SNAPSHOT_EXTENSION)).max().cloned();
         for stale in files.iter().filter(|p| Some(*p) != newest.as_ref()) {
             let _ = std::fs::remove_file(stale);
         }
@@ -167,10 +210,14 @@ fn write_in_synced_chunks(path: &std::path::Path, data: &[u8]) -> Result<(), io:
     file.sync_all()
 }
 
+/// Snapshot files are `<last index>-<leader>.cut`; files of other kinds in the directory
+/// (half-written ones, and whole-state `.snap` files of earlier versions) are removed.
+const SNAPSHOT_EXTENSION: &str = "cut";
+
 fn snapshot_name(meta: &SnapshotMeta) -> String {
     match &meta.last_log_id {
-        Some(l) => format!("{:020}-{}.snap", l.index(), l.committed_leader_id()),
-        None => "00000000000000000000-none.snap".to_string(),
+        Some(l) => format!("{:020}-{}.{SNAPSHOT_EXTENSION}", l.index(), l.committed_leader_id()),
+        None => format!("00000000000000000000-none.{SNAPSHOT_EXTENSION}"),
     }
 }
 
@@ -206,8 +253,19 @@ impl LogIndex for BatchIndex<'_> {
     }
 }
 
+impl ShardStateMachine {
+    fn cut(&self, rows: Rows) -> SnapshotData {
+        SnapshotData::Cut(SnapshotCut {
+            group: self.group,
+            rows,
+            store: self.store.clone(),
+            rewrites: self.rewrites.clone(),
+        })
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for ShardStateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -286,7 +344,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     for e in &outcome.appended {
                         batch.put(keys::entry(group, &c.key, e.seq), codec::encode(e));
                         if let Some(idem) = e.idempotency_key() {
-                            batch.put(keys::idempotency(group, &c.key, &idem), codec::encode(&(e.seq, e.ts)));
+                            let row = keys::idempotency(group, &c.key, &idem);
+                            self.data.idempotency_recorded(&row);
+                            batch.put(row, codec::encode(&(e.seq, e.ts)));
                             pending_idem.insert((c.key.clone(), idem), (e.seq, e.ts));
                         }
                     }
@@ -407,9 +467,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         // here is consistent with `meta` once the batches `apply` queued are in the store.
         // Without the barrier the snapshot would claim entries whose effects it lacks.
         // Applies wait for the cut, so it copies only the rows that change (states, timers,
-        // the applied position): entity logs, the bulk of a shard, are copied by the builder
-        // while applies go on (`SnapshotBuilder::copy_logs`). Off the async workers, so only
-        // this shard's applies wait, not every task of the node.
+        // the applied position): entity logs, the bulk of a shard, stay in the store and are
+        // read when the snapshot is sent (`copy_logs`). Off the async workers, so only this
+        // shard's applies wait, not every task of the node.
         let started = std::time::Instant::now();
         let rows = match self.store.writer().barrier().await {
             Ok(()) => {
@@ -442,11 +502,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
-        // Not under a builder still copying the logs this replaces.
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let rows: Rows = codec::decode("snapshot data", &snapshot.into_rows().await?)?;
+        // Not under a reader still copying the logs this replaces.
         let _rewriting = self.rewrites.write().await;
         self.store.writer().barrier().await?;
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = codec::decode("snapshot data", snapshot.get_ref())?;
         let (lo, hi) = keys::state_machine(self.group);
         let mut batch = WriteBatch::new();
         batch.delete_range(lo.clone(), hi.clone());
@@ -458,16 +518,18 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         }
         self.meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         batch.put(keys::applied(self.group), codec::encode(&self.meta));
+        self.data.replacing();
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
-        let file = SnapshotFile { meta: meta.clone(), data: snapshot.into_inner() };
-        self.current.save(&file)?;
+        // Durable now, the entity logs stay in the store: the file keeps the rest.
+        let cut = rows.into_iter().filter(|(k, _)| keys::append_only_row(k).is_none()).collect();
+        self.current.save(&SnapshotFile { meta: meta.clone(), cut })?;
         metrics::counter!("convoy_snapshots_installed_total").increment(1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.current.read()?.map(|file| Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) }))
+        Ok(self.current.read()?.map(|file| Snapshot { meta: file.meta, snapshot: self.cut(file.cut) }))
     }
 }
 
@@ -479,8 +541,8 @@ fn timer_of(t: &TimerChange) -> &domain::Timer {
 
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// The nice value snapshot builds run at: they take the cores' spare time, not the time of
-/// the writes clients wait for (a build at normal priority raised the ack p99 at half the
+/// The nice value snapshot work runs at (writing a file, reading the logs of one to send):
+/// it takes the cores' spare time, not the time of the writes clients wait for (a build at normal priority raised the ack p99 at half the
 /// peak rate from about 11 ms to 17 to 44 ms; docs/benchmarks.md).
 const BACKGROUND_NICE: libc::c_int = 10;
 
@@ -501,40 +563,10 @@ async fn in_the_background<T: Send + 'static>(
     rx.await.map_err(|_| io::Error::other("a snapshot thread ended without an answer"))
 }
 
-/// Rows read per engine call when copying a range, so a copy never holds a second whole
-/// range in memory.
-const COPY_PAGE_ROWS: usize = 4096;
-
-/// Hands every row in `[lo, hi)` to `each`, in key order, reading a page at a time.
-fn for_each_row<E: From<StoreError>>(
-    store: &Store,
-    lo: &[u8],
-    hi: &[u8],
-    mut each: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), E>,
-) -> Result<(), E> {
-    use std::ops::Bound;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let start = match &after {
-            Some(last) => Bound::Excluded(last.as_slice()),
-            None => Bound::Included(lo),
-        };
-        let page = store.engine().range(start, Bound::Excluded(hi), false, COPY_PAGE_ROWS)?;
-        let full = page.len() == COPY_PAGE_ROWS;
-        after = page.last().map(|(k, _)| k.clone());
-        for (key, value) in page {
-            each(key, value)?;
-        }
-        if !full {
-            return Ok(());
-        }
-    }
-}
-
 /// Every row in `[lo, hi)`.
 fn read_all(store: &Store, lo: &[u8], hi: &[u8]) -> Result<Rows, StoreError> {
     let mut rows = Vec::new();
-    for_each_row(store, lo, hi, |k, v| {
+    store.for_each_row(lo, hi, |k, v| {
         rows.push((k, v));
         Ok::<_, StoreError>(())
     })?;
@@ -552,76 +584,74 @@ pub struct SnapshotBuilder {
     current: Arc<CurrentSnapshot>,
 }
 
-impl SnapshotBuilder {
-    /// Adds to the cut `rows` the entity log entries and idempotency records that existed
-    /// at the cut. They are written once and never changed, so reading them later gives
-    /// what the cut would have: exactly the entries up to each entity's log length in its
-    /// copied state, and the idempotency records of those entries. Later ones are left out.
-    fn copy_logs(store: &Store, group: RaftGroupId, mut rows: Rows) -> Result<Rows, io::Error> {
-        let mut log_len: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
-        for (key, value) in &rows {
-            if let Some(entity) = keys::state_entity(key) {
-                let state: EntityState = codec::decode("entity state", value)?;
-                if state.log_len() > 0 {
-                    log_len.insert(entity.to_vec(), (state.log_len(), 0));
-                }
+/// Adds to the cut `rows` the entity log entries and idempotency records that existed at the
+/// cut. They are written once and never changed, so reading them later gives what the cut
+/// would have: exactly the entries up to each entity's log length in its copied state, and the
+/// idempotency records of those entries. Later ones are left out.
+fn copy_logs(store: &Store, group: RaftGroupId, mut rows: Rows) -> Result<Rows, io::Error> {
+    let mut log_len: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+    for (key, value) in &rows {
+        if let Some(entity) = keys::state_entity(key) {
+            let state: EntityState = codec::decode("entity state", value)?;
+            if state.log_len() > 0 {
+                log_len.insert(entity.to_vec(), (state.log_len(), 0));
             }
         }
-        let (lo, hi) = keys::append_only(group);
-        for_each_row(store, &lo, &hi, |key, value| {
-            let keep = match keys::append_only_row(&key) {
-                Some(keys::AppendOnlyRow::Entry { entity, seq }) => match log_len.get_mut(entity) {
-                    Some((len, copied)) if seq <= *len => {
-                        *copied += 1;
-                        true
-                    }
-                    _ => false,
-                },
-                Some(keys::AppendOnlyRow::Idempotency { entity }) => {
-                    let (seq, _): (u64, Timestamp) = codec::decode("idempotency record", &value)?;
-                    log_len.get(entity).is_some_and(|(len, _)| seq <= *len)
-                }
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{group}: {key:?} is not a log row"),
-                    ));
-                }
-            };
-            if keep {
-                rows.push((key, value));
-            }
-            Ok(())
-        })?;
-        // Seqs are 1..=log_len with none missing: a shortfall means rows went away under
-        // the copy, and the snapshot would lose messages.
-        if let Some((entity, (len, copied))) = log_len.iter().find(|(_, (len, copied))| len != copied) {
-            return Err(io::Error::other(format!(
-                "{group}: the log of {} holds {copied} of the {len} entries its state names",
-                String::from_utf8_lossy(entity)
-            )));
-        }
-        Ok(rows)
     }
+    let (lo, hi) = keys::append_only(group);
+    store.for_each_row(&lo, &hi, |key, value| {
+        let keep = match keys::append_only_row(&key) {
+            Some(keys::AppendOnlyRow::Entry { entity, seq }) => match log_len.get_mut(entity) {
+                Some((len, copied)) if seq <= *len => {
+                    *copied += 1;
+                    true
+                }
+                _ => false,
+            },
+            Some(keys::AppendOnlyRow::Idempotency { entity }) => {
+                let (seq, _): (u64, Timestamp) = codec::decode("idempotency record", &value)?;
+                log_len.get(entity).is_some_and(|(len, _)| seq <= *len)
+            }
+            None => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{group}: {key:?} is not a log row")));
+            }
+        };
+        if keep {
+            rows.push((key, value));
+        }
+        Ok(())
+    })?;
+    // Seqs are 1..=log_len with none missing: a shortfall means rows went away under the
+    // copy, and the snapshot would lose messages.
+    if let Some((entity, (len, copied))) = log_len.iter().find(|(_, (len, copied))| len != copied) {
+        return Err(io::Error::other(format!(
+            "{group}: the log of {} holds {copied} of the {len} entries its state names",
+            String::from_utf8_lossy(entity)
+        )));
+    }
+    Ok(rows)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let rows = std::mem::replace(&mut self.rows, Ok(Vec::new()))?;
-        let meta = self.meta.clone();
-        let (store, group, current) = (self.store.clone(), self.group, self.current.clone());
-        let copying = self.rewrites.clone().read_owned().await;
-        let file = in_the_background(format!("snapshot-{}", group.0), move || {
-            let rows = Self::copy_logs(&store, group, rows)?;
-            drop(copying);
-            let file = SnapshotFile { meta, data: codec::encode(&rows) };
-            current.save(&file).map(|_| file)
-        })
-        .await??;
+        // The file holds the cut alone and names entity logs that only the store holds: they
+        // must survive a crash before the file says they are there.
+        self.store.writer().checkpoint().await?;
+        let file = SnapshotFile { meta: self.meta.clone(), cut: rows };
+        let current = self.current.clone();
+        let file = in_the_background(format!("snapshot-{}", self.group.0), move || current.save(&file).map(|_| file))
+            .await??;
         metrics::counter!("convoy_snapshots_built_total").increment(1);
-        Ok(Snapshot { meta: file.meta, snapshot: Cursor::new(file.data) })
+        let cut = SnapshotCut {
+            group: self.group,
+            rows: file.cut,
+            store: self.store.clone(),
+            rewrites: self.rewrites.clone(),
+        };
+        Ok(Snapshot { meta: file.meta, snapshot: SnapshotData::Cut(cut) })
     }
 }
 
@@ -636,7 +666,7 @@ mod tests {
         let meta = SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), last_membership: Default::default() };
         // Large enough that reading one takes a while: a reader is still at it when the
         // next snapshot lands.
-        SnapshotFile { meta, data: vec![index as u8; 2 << 20] }
+        SnapshotFile { meta, cut: vec![(vec![index as u8], vec![index as u8; 2 << 20])] }
     }
 
     #[test]

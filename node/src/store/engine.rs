@@ -16,30 +16,32 @@ pub enum Op {
     DeleteRange(Vec<u8>, Vec<u8>),
 }
 
-/// Changes applied in order and, unless made with [`WriteBatch::in_order`], atomically: a
-/// crash keeps all of them or none.
+/// Changes applied in order and atomically: a crash keeps all of them or none.
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     ops: Vec<Op>,
     bytes: usize,
-    /// Every prefix of `ops` is a consistent state, so a crash may keep any of them.
-    any_prefix_consistent: bool,
+    /// The engine takes in whatever it holds staged with this batch, even if it is empty.
+    checkpoint: bool,
 }
 
 impl WriteBatch {
     pub fn new() -> Self {
         Self::default()
     }
-    /// A batch whose every prefix is a consistent state, such as the segments of one Raft
-    /// log append (a log cut short is still a log, and nothing in it was acknowledged yet).
-    /// The engine may apply it op by op, which costs sled far less than an atomic batch.
-    pub fn in_order() -> Self {
-        WriteBatch { any_prefix_consistent: true, ..Self::default() }
+    /// An empty batch that takes every staged row to the engine: written durably, it makes
+    /// everything written before it durable too.
+    pub fn checkpoint() -> Self {
+        WriteBatch { checkpoint: true, ..Self::default() }
     }
-    /// Whether a crash may keep any prefix of it: made with [`WriteBatch::in_order`], or a
-    /// single op, and never a range delete (the engine expands that into many).
+    /// Whether the engine may apply it op by op, which costs sled far less than an atomic
+    /// batch: a single op is all or nothing anyway (a range delete is not: the engine expands
+    /// it into many; nor is a checkpoint).
     pub fn may_keep_a_prefix(&self) -> bool {
-        (self.any_prefix_consistent || self.ops.len() <= 1) && !self.has_range_delete()
+        self.ops.len() <= 1 && !self.has_range_delete() && !self.checkpoint
+    }
+    pub fn is_checkpoint(&self) -> bool {
+        self.checkpoint
     }
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.bytes += key.len() + value.len();
@@ -70,14 +72,9 @@ impl WriteBatch {
     pub fn has_range_delete(&self) -> bool {
         self.ops.iter().any(|op| matches!(op, Op::DeleteRange(..)))
     }
-    /// Appends `other`'s ops. The result may keep a prefix only if both may: a prefix of
-    /// the two is all of the first and a prefix of the second, or a prefix of the first.
+    /// Appends `other`'s ops.
     pub fn extend(&mut self, other: WriteBatch) {
-        self.any_prefix_consistent = if self.ops.is_empty() {
-            other.any_prefix_consistent
-        } else {
-            self.may_keep_a_prefix() && other.may_keep_a_prefix()
-        };
+        self.checkpoint |= other.checkpoint;
         self.bytes += other.bytes;
         self.ops.extend(other.ops);
     }
@@ -96,8 +93,8 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Applies every op atomically with respect to crashes (an empty batch still takes any
     /// staged rows to the engine).
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;
-    /// Applies the ops of a batch that [`WriteBatch::may_keep_a_prefix`] in order; a crash
-    /// may keep any prefix of them. Engines with nothing cheaper apply it atomically.
+    /// Applies the ops of a batch that [`WriteBatch::may_keep_a_prefix`] one by one. Engines
+    /// with nothing cheaper apply it atomically.
     fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.apply(batch)
     }
@@ -173,9 +170,8 @@ impl KvEngine for SledEngine {
         self.db.apply_batch(sb).map_err(io)
     }
 
-    /// One insert or remove per op. sled recovers a prefix of its log after a crash, so a
-    /// crash keeps a prefix of these; and none of them seals a log buffer, where every
-    /// `apply_batch` seals two (each a job that wakes all of sled's idle I/O threads).
+    /// One insert or remove per op: unlike an `apply_batch`, which seals two of sled's log
+    /// buffers (each a job that wakes all of sled's idle I/O threads), it seals none.
     fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StoreError> {
         assert!(batch.may_keep_a_prefix(), "an atomic batch applied op by op");
         for op in batch.ops() {
@@ -206,24 +202,19 @@ mod tests {
     }
 
     #[test]
-    fn only_in_order_batches_and_single_ops_may_keep_a_prefix() {
-        let mut atomic = WriteBatch::new();
-        put(&mut atomic, "a");
-        assert!(atomic.may_keep_a_prefix(), "one op is all or nothing anyway");
-        put(&mut atomic, "b");
-        assert!(!atomic.may_keep_a_prefix());
-
-        let mut log = WriteBatch::in_order();
-        put(&mut log, "s1");
-        put(&mut log, "s2");
-        assert!(log.may_keep_a_prefix());
-        let mut merged = WriteBatch::new();
-        merged.extend(log.clone());
-        assert!(merged.may_keep_a_prefix(), "an empty batch takes on what it is extended with");
-        merged.extend(atomic.clone());
-        assert!(!merged.may_keep_a_prefix(), "joined with an atomic batch, the whole is atomic");
-        let mut wipe = WriteBatch::in_order();
+    fn only_single_ops_may_go_op_by_op() {
+        let mut one = WriteBatch::new();
+        put(&mut one, "a");
+        assert!(one.may_keep_a_prefix(), "one op is all or nothing anyway");
+        let mut two = one.clone();
+        put(&mut two, "b");
+        assert!(!two.may_keep_a_prefix());
+        let mut wipe = WriteBatch::new();
         wipe.delete_range(b"a".to_vec(), b"b".to_vec());
         assert!(!wipe.may_keep_a_prefix(), "a range delete is never cut");
+        assert!(!WriteBatch::checkpoint().may_keep_a_prefix(), "a checkpoint takes the staged rows in, atomically");
+        let mut merged = WriteBatch::new();
+        merged.extend(WriteBatch::checkpoint());
+        assert!(merged.is_checkpoint(), "merged with a checkpoint, a batch is one");
     }
 }

@@ -3,10 +3,6 @@
 //!
 //! ```text
 //! 00 <name>                                   node metadata (identity, generated secret)
-//! 01 <group:u16> 01                           Raft vote
-//! 01 <group:u16> 02                           Raft committed log id
-//! 01 <group:u16> 03                           Raft last purged log id
-//! 01 <group:u16> 10 <first index:u64>         Raft log segment (consecutive entries)
 //! 02 <group:u16> 01                           state machine: last applied + membership
 //! 02 <group:u16> 02 <entity>                  entity state
 //! 02 <group:u16> 03 <entity> 00 <seq:u64>     entity log entry
@@ -17,6 +13,8 @@
 //! Everything a group's state machine owns lies under `02 <group>`: a snapshot is that
 //! prefix, and installing one replaces it. Entity log entries and idempotency records are
 //! written once and never changed (`append_only`); the rest may change with every apply.
+//! Raft logs are in their own files (`log_files.rs`); earlier versions kept them under `01`,
+//! where opening finds them once to move them out (`old_raft_row`).
 
 use convoy_actors::EntityKey;
 
@@ -46,44 +44,35 @@ pub fn node_meta(name: &str) -> Vec<u8> {
     k
 }
 
-fn raft(group: RaftGroupId, tag: u8) -> Vec<u8> {
-    let mut k = Vec::with_capacity(12);
-    k.push(RAFT);
-    k.extend_from_slice(&group.0.to_be_bytes());
-    k.push(tag);
-    k
+/// `[start, end)` of the rows where earlier versions kept the Raft logs.
+pub fn raft_group_rows() -> (Vec<u8>, Vec<u8>) {
+    (vec![RAFT], vec![RAFT + 1])
 }
 
-/// `[start, end)` of everything a group's Raft log storage owns.
-pub fn raft_group(group: RaftGroupId) -> (Vec<u8>, Vec<u8>) {
-    let mut start = vec![RAFT];
-    start.extend_from_slice(&group.0.to_be_bytes());
-    let mut end = start.clone();
-    end.push(0xFF);
-    (start, end)
+/// A Raft row of an earlier version: `01 <group:u16> <tag> ...`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OldRaftRow {
+    Vote,
+    Committed,
+    Purged,
+    /// Consecutive entries.
+    Segment,
 }
 
-pub fn vote(group: RaftGroupId) -> Vec<u8> {
-    raft(group, VOTE)
-}
-pub fn committed(group: RaftGroupId) -> Vec<u8> {
-    raft(group, COMMITTED)
-}
-pub fn purged(group: RaftGroupId) -> Vec<u8> {
-    raft(group, PURGED)
-}
-pub fn segment(group: RaftGroupId, first_index: u64) -> Vec<u8> {
-    let mut k = raft(group, SEGMENT);
-    k.extend_from_slice(&first_index.to_be_bytes());
-    k
-}
-/// `[start, end)` of every log segment of `group`.
-pub fn segments(group: RaftGroupId) -> (Vec<u8>, Vec<u8>) {
-    (raft(group, SEGMENT), raft(group, SEGMENT + 1))
-}
-pub fn segment_index(key: &[u8]) -> Option<u64> {
-    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(tail))
+/// The group and kind of an earlier version's Raft row; `None` for any other key.
+pub fn old_raft_row(key: &[u8]) -> Option<(u16, OldRaftRow)> {
+    let (&[kind, hi, lo, tag], _) = key.split_first_chunk::<4>()?;
+    if kind != RAFT {
+        return None;
+    }
+    let row = match tag {
+        VOTE => OldRaftRow::Vote,
+        COMMITTED => OldRaftRow::Committed,
+        PURGED => OldRaftRow::Purged,
+        SEGMENT => OldRaftRow::Segment,
+        _ => return None,
+    };
+    Some((u16::from_be_bytes([hi, lo]), row))
 }
 
 /// `02 <group:u16>`: the bytes before a state machine row's tag.
@@ -195,6 +184,11 @@ pub fn idempotency(group: RaftGroupId, key: &EntityKey, idem: &str) -> Vec<u8> {
     let mut k = entity_scoped(group, IDEMPOTENCY, key);
     k.extend_from_slice(idem.as_bytes());
     k
+}
+
+/// `[start, end)` of every idempotency record of `group`.
+pub fn idempotency_records(group: RaftGroupId) -> (Vec<u8>, Vec<u8>) {
+    (sm(group, IDEMPOTENCY), sm(group, IDEMPOTENCY + 1))
 }
 
 pub fn timer(group: RaftGroupId, key: &EntityKey, timer: &[u8]) -> Vec<u8> {

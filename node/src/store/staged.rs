@@ -237,18 +237,17 @@ mod tests {
     }
 
     #[test]
-    fn in_order_writes_pass_the_staged_rows_unless_they_touch_a_staged_key() {
+    fn single_writes_pass_the_staged_rows_unless_they_touch_a_staged_key() {
         let (_dir, sled, staged) = engine();
         assert!(staged.stage(&batch(&[("state", Some("1")), ("purged", Some("1"))])).unwrap());
-        let mut append = WriteBatch::in_order();
-        append.put(b"log-1".to_vec(), b"e1".to_vec());
-        append.put(b"log-2".to_vec(), b"e2".to_vec());
-        staged.apply_in_order(append).unwrap();
-        assert_eq!(sled.get(b"log-2").unwrap(), Some(b"e2".to_vec()));
+        let mut single = WriteBatch::new();
+        single.put(b"identity".to_vec(), b"n1".to_vec());
+        staged.apply_in_order(single).unwrap();
+        assert_eq!(sled.get(b"identity").unwrap(), Some(b"n1".to_vec()));
         assert_eq!(sled.get(b"state").unwrap(), None, "staged rows stay staged");
 
-        // The same key staged and then written in order: the later write must win.
-        let mut rewrite = WriteBatch::in_order();
+        // The same key staged and then written on its own: the later write must win.
+        let mut rewrite = WriteBatch::new();
         rewrite.put(b"purged".to_vec(), b"2".to_vec());
         staged.apply_in_order(rewrite).unwrap();
         assert_eq!(sled.get(b"purged").unwrap(), Some(b"2".to_vec()));

@@ -1,10 +1,12 @@
-//! The storage writer: the one thread that writes to the engine. Every write in the node
-//! (Raft log appends, votes, state machine applies, snapshots) is a job on its queue.
+//! The storage writer: the one thread that writes to the engine and to the Raft log files.
+//! Every write in the node (Raft log appends, votes, state machine applies, snapshots) is a
+//! job on its queue.
 //!
 //! Why one thread: sled's batches and flushes deadlock when issued concurrently from many
 //! tasks (upstream #1308, #1412). It is also the group commit: jobs that queue while a
-//! flush is running are merged into one batch and made durable by the next single flush,
-//! so fsyncs per second stay flat while writes per second grow.
+//! sync is running are merged into one round, written with one `write` to the log files
+//! and made durable by the next single sync, so syncs per second stay flat while writes
+//! per second grow.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,11 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
 use super::engine::{KvEngine, WriteBatch};
+use super::log_files::{LogAppender, LogWrite};
 
 /// A cycle (apply plus flush) this long is logged: every write of the node waited for it.
 const SLOW_CYCLE: Duration = Duration::from_millis(50);
 /// At most one such line per this long (a failing disk makes every cycle slow).
 const SLOW_CYCLE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Engine rows written since the last flush are flushed after this long. Nothing waits for
+/// it (the state machines replay their log after a crash); it bounds how much they replay
+/// after a power loss.
+const ENGINE_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// When a job's completion is signalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,10 +38,31 @@ pub enum Durability {
 
 type Callback = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// What a job writes: rows of the engine, or records of the Raft log files.
+enum Work {
+    Rows(WriteBatch),
+    Log(Vec<LogWrite>),
+}
+
+impl Work {
+    fn ops(&self) -> usize {
+        match self {
+            Work::Rows(batch) => batch.len(),
+            Work::Log(writes) => writes.len(),
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            Work::Rows(batch) => batch.bytes(),
+            Work::Log(writes) => writes.iter().map(LogWrite::bytes).sum(),
+        }
+    }
+}
+
 struct Job {
-    batch: WriteBatch,
+    work: Work,
     durability: Durability,
-    /// Runs once the batch is applied, before the flush (only for durable jobs that also
+    /// Runs once the work is applied, before the flush (only for durable jobs that also
     /// need to know when readers can see them).
     on_visible: Option<Callback>,
     done: Callback,
@@ -111,21 +139,30 @@ pub struct WriterLimits {
 }
 
 impl StorageWriter {
-    /// Starts the writer thread. It ends when every `StorageWriter` clone is dropped and the
-    /// queue is drained.
-    pub fn start(engine: Arc<dyn KvEngine>, limits: WriterLimits) -> (StorageWriter, std::thread::JoinHandle<()>) {
+    /// Starts the writer thread over the engine and the Raft log files. It ends when every
+    /// `StorageWriter` clone is dropped and the queue is drained.
+    pub fn start(
+        engine: Arc<dyn KvEngine>,
+        log: LogAppender,
+        limits: WriterLimits,
+    ) -> (StorageWriter, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits.queue_depth);
         let faults = Arc::new(WriterFaults::default());
         let thread_faults = faults.clone();
         let handle = std::thread::Builder::new()
             .name("storage-writer".into())
-            .spawn(move || run(engine, rx, limits, thread_faults))
+            .spawn(move || run(Stores { engine, log }, rx, limits, thread_faults))
             .expect("spawning the storage writer thread");
         (StorageWriter { tx, faults }, handle)
     }
 
     pub fn faults(&self) -> &Arc<WriterFaults> {
         &self.faults
+    }
+
+    async fn queue(&self, job: Job) -> Result<(), StoreError> {
+        metrics::gauge!("convoy_storage_queue_depth").set((self.tx.max_capacity() - self.tx.capacity()) as f64);
+        self.tx.send(Command::Write(job)).await.map_err(|_| StoreError::WriterStopped)
     }
 
     /// Queues `batch`; `done` runs on the writer thread once it is `durability`.
@@ -135,11 +172,7 @@ impl StorageWriter {
         durability: Durability,
         done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) -> Result<(), StoreError> {
-        metrics::gauge!("convoy_storage_queue_depth").set((self.tx.max_capacity() - self.tx.capacity()) as f64);
-        self.tx
-            .send(Command::Write(Job { batch, durability, on_visible: None, done: Box::new(done) }))
-            .await
-            .map_err(|_| StoreError::WriterStopped)
+        self.queue(Job { work: Work::Rows(batch), durability, on_visible: None, done: Box::new(done) }).await
     }
 
     /// Makes everything queued so far durable and ends the writer thread. Later writes
@@ -152,28 +185,42 @@ impl StorageWriter {
         }
     }
 
-    /// Queues a durable `batch`: `on_visible` runs once readers can see it, `on_durable`
-    /// once it is flushed (both on the writer thread; keep them short).
-    pub async fn submit_with_visibility(
+    /// Queues Raft log records, durably: `on_visible` runs once readers find them in the
+    /// files, `on_durable` once they are synced (both on the writer thread; keep them short).
+    pub async fn append_log(
         &self,
-        batch: WriteBatch,
+        writes: Vec<LogWrite>,
         on_visible: impl FnOnce(Result<(), StoreError>) + Send + 'static,
         on_durable: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Write(Job {
-                batch,
-                durability: Durability::Durable,
-                on_visible: Some(Box::new(on_visible)),
-                done: Box::new(on_durable),
-            }))
-            .await
-            .map_err(|_| StoreError::WriterStopped)
+        let job = Job {
+            work: Work::Log(writes),
+            durability: Durability::Durable,
+            on_visible: Some(Box::new(on_visible)),
+            done: Box::new(on_durable),
+        };
+        self.queue(job).await
+    }
+
+    /// Writes Raft log records and waits until they are `durability`.
+    pub async fn write_log(&self, writes: Vec<LogWrite>, durability: Durability) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let done = move |r| {
+            let _ = tx.send(r);
+        };
+        self.queue(Job { work: Work::Log(writes), durability, on_visible: None, done: Box::new(done) }).await?;
+        rx.await.map_err(|_| StoreError::WriterStopped)?
     }
 
     /// Waits until everything queued before is visible to readers.
     pub async fn barrier(&self) -> Result<(), StoreError> {
         self.write(WriteBatch::new(), Durability::Visible).await
+    }
+
+    /// Waits until every engine row queued before is durable, staged rows included: the
+    /// engine takes them in and flushes.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.write(WriteBatch::checkpoint(), Durability::Durable).await
     }
 
     /// Queues `batch` and waits until it is `durability`.
@@ -187,18 +234,17 @@ impl StorageWriter {
     }
 }
 
+/// What the writer thread writes to.
+struct Stores {
+    engine: Arc<dyn KvEngine>,
+    log: LogAppender,
+}
+
 /// Applies the batches of a round of jobs, in order and as cheaply as each allows: one that
 /// need only be visible is staged when the engine takes it (`staged.rs` says why), a durable
-/// one that a crash may cut anywhere goes op by op, and the rest are merged into one atomic
-/// batch. Once that batch has begun, what follows joins it, so nothing overtakes it.
-fn apply(
-    engine: &dyn KvEngine,
-    faults: &WriterFaults,
-    batches: Vec<(Durability, WriteBatch)>,
-) -> Result<(), StoreError> {
-    if faults.fail.load(Ordering::Relaxed) {
-        return Err(StoreError::Engine("injected storage failure".into()));
-    }
+/// single write goes on its own, and the rest are merged into one atomic batch. Once that
+/// batch has begun, what follows joins it, so nothing overtakes it.
+fn apply(engine: &dyn KvEngine, batches: Vec<(Durability, WriteBatch)>) -> Result<(), StoreError> {
     let mut atomic = WriteBatch::new();
     for (durability, batch) in batches {
         if atomic.is_empty() {
@@ -213,20 +259,72 @@ fn apply(
         }
         atomic.extend(batch);
     }
-    if atomic.is_empty() { Ok(()) } else { engine.apply(atomic) }
+    if atomic.is_empty() && !atomic.is_checkpoint() { Ok(()) } else { engine.apply(atomic) }
+}
+
+/// Writes a round of jobs: the engine's rows, then the log's records (one `write`).
+fn write_round(stores: &mut Stores, faults: &WriterFaults, round: Vec<(Durability, Work)>) -> Outcome {
+    if faults.is_failing() {
+        let failed = Err(StoreError::Engine("injected storage failure".into()));
+        return Outcome { rows: failed.clone(), log: failed };
+    }
+    let mut batches = Vec::new();
+    let mut records = 0;
+    for (durability, work) in round {
+        match work {
+            Work::Rows(batch) => batches.push((durability, batch)),
+            Work::Log(writes) => {
+                records += writes.len();
+                for write in writes {
+                    stores.log.add(write);
+                }
+            }
+        }
+    }
+    let rows = if batches.is_empty() { Ok(()) } else { apply(&*stores.engine, batches) };
+    let log = if records > 0 { stores.log.write() } else { Ok(()) };
+    Outcome { rows, log }
+}
+
+/// How a round of writes went, for each kind of job.
+struct Outcome {
+    rows: Result<(), StoreError>,
+    log: Result<(), StoreError>,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        if self.rows.is_ok() {
+            self.rows = other.rows;
+        }
+        if self.log.is_ok() {
+            self.log = other.log;
+        }
+    }
+    fn is_ok(&self) -> bool {
+        self.rows.is_ok() && self.log.is_ok()
+    }
+}
+
+/// Which store a job wrote to: its outcome and flush are that store's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rows,
+    Log,
 }
 
 /// The jobs one cycle took from the queue: how to answer each, and what they add up to.
 #[derive(Default)]
 struct Taken {
-    answers: Vec<(Durability, Option<Callback>, Callback)>,
-    /// Whether any job needs the cycle to flush.
-    durable: bool,
+    answers: Vec<(Kind, Durability, Option<Callback>, Callback)>,
+    /// Whether any job needs the engine, or the log, flushed.
+    rows_durable: bool,
+    log_durable: bool,
     ops: usize,
 }
 
 impl Taken {
-    /// Takes `first` (if any) and the jobs queued after it into one round of batches, up to
+    /// Takes `first` (if any) and the jobs queued after it into one round, up to
     /// `max_bytes`. A range delete only sees what is already in the engine, so a queued job
     /// holding one is left in `pending` to start the next cycle; a stop ends the round.
     fn gather(
@@ -236,23 +334,32 @@ impl Taken {
         max_bytes: usize,
         pending: &mut Option<Job>,
         stop: &mut Option<oneshot::Sender<()>>,
-    ) -> Vec<(Durability, WriteBatch)> {
+    ) -> Vec<(Durability, Work)> {
         let mut round = Vec::new();
         let mut bytes = 0;
         let mut next = first;
         loop {
             if let Some(job) = next.take() {
-                self.durable |= job.durability == Durability::Durable;
-                self.ops += job.batch.len();
-                bytes += job.batch.bytes();
-                round.push((job.durability, job.batch));
-                self.answers.push((job.durability, job.on_visible, job.done));
+                let kind = match job.work {
+                    Work::Rows(_) => Kind::Rows,
+                    Work::Log(_) => Kind::Log,
+                };
+                if job.durability == Durability::Durable {
+                    match kind {
+                        Kind::Rows => self.rows_durable = true,
+                        Kind::Log => self.log_durable = true,
+                    }
+                }
+                self.ops += job.work.ops();
+                bytes += job.work.bytes();
+                round.push((job.durability, job.work));
+                self.answers.push((kind, job.durability, job.on_visible, job.done));
             }
             if bytes >= max_bytes || stop.is_some() {
                 return round;
             }
             match rx.try_recv() {
-                Ok(Command::Write(job)) if job.batch.has_range_delete() => {
+                Ok(Command::Write(job)) if matches!(&job.work, Work::Rows(b) if b.has_range_delete()) => {
                     *pending = Some(job);
                     return round;
                 }
@@ -267,16 +374,18 @@ impl Taken {
     }
 }
 
-fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: WriterLimits, faults: Arc<WriterFaults>) {
+fn run(mut stores: Stores, mut rx: mpsc::Receiver<Command>, limits: WriterLimits, faults: Arc<WriterFaults>) {
     let mut pending: Option<Job> = None;
     let mut stop: Option<oneshot::Sender<()>> = None;
     let mut slow = SlowCycles::default();
+    let mut engine_flushed = Instant::now();
     loop {
         if pending.is_none()
             && let Some(done) = stop.take()
         {
             // The empty batch takes any staged rows along.
-            let _ = engine.apply(WriteBatch::new()).and_then(|()| engine.flush());
+            let _ = stores.engine.apply(WriteBatch::new()).and_then(|()| stores.engine.flush());
+            let _ = stores.log.write().and_then(|()| stores.log.sync());
             let _ = done.send(());
             return;
         }
@@ -297,42 +406,65 @@ fn run(engine: Arc<dyn KvEngine>, mut rx: mpsc::Receiver<Command>, limits: Write
         let mut taken = Taken::default();
         let round = taken.gather(Some(first), &mut rx, limits.max_batch_bytes, &mut pending, &mut stop);
         let cycle = Instant::now();
-        let mut applied = apply(&*engine, &faults, round);
-        // Jobs that queued while that batch was applied ride on the same flush: they would
+        let mut outcome = write_round(&mut stores, &faults, round);
+        // Jobs that queued while that round was written ride on the same flush: they would
         // wait for it anyway.
-        while applied.is_ok() && pending.is_none() && stop.is_none() && !faults.is_stalled() {
+        while outcome.is_ok() && pending.is_none() && stop.is_none() && !faults.is_stalled() {
             let more = taken.gather(None, &mut rx, limits.max_batch_bytes, &mut pending, &mut stop);
             if more.is_empty() {
                 break;
             }
-            applied = apply(&*engine, &faults, more);
+            outcome.merge(write_round(&mut stores, &faults, more));
         }
-        let Taken { answers, durable, ops } = taken;
+        let Taken { answers, rows_durable, log_durable, ops } = taken;
         let applied_in = cycle.elapsed();
         metrics::histogram!("convoy_storage_batch_ops").record(ops as f64);
         metrics::histogram!("convoy_storage_batch_jobs").record(answers.len() as f64);
+        let outcome_of = |kind: Kind| match kind {
+            Kind::Rows => &outcome.rows,
+            Kind::Log => &outcome.log,
+        };
         let mut waiting_for_flush = Vec::new();
-        for (durability, on_visible, done) in answers {
+        for (kind, durability, on_visible, done) in answers {
+            let written = outcome_of(kind);
             if let Some(on_visible) = on_visible {
-                on_visible(applied.clone());
+                on_visible(written.clone());
             }
-            match (&applied, durability) {
+            match (written, durability) {
                 (Err(e), _) => done(Err(e.clone())),
                 (Ok(()), Durability::Visible) => done(Ok(())),
-                (Ok(()), Durability::Durable) => waiting_for_flush.push(done),
+                (Ok(()), Durability::Durable) => waiting_for_flush.push((kind, done)),
             }
         }
-        if applied.is_ok() && durable {
+        if !waiting_for_flush.is_empty() {
             let stall = faults.stall_ms.load(Ordering::Relaxed);
             if stall > 0 {
                 std::thread::sleep(Duration::from_millis(stall));
             }
+        }
+        let log_synced = if log_durable && outcome.log.is_ok() {
             let started = Instant::now();
-            let flushed = engine.flush();
+            let synced = stores.log.sync();
             metrics::histogram!("convoy_storage_fsync_seconds").record(started.elapsed().as_secs_f64());
-            for done in waiting_for_flush {
-                done(flushed.clone());
-            }
+            synced
+        } else {
+            Ok(())
+        };
+        let flush_engine = rows_durable || (ops > 0 && engine_flushed.elapsed() >= ENGINE_FLUSH_EVERY);
+        let rows_flushed = if flush_engine && outcome.rows.is_ok() {
+            let started = Instant::now();
+            let flushed = stores.engine.flush();
+            metrics::histogram!("convoy_storage_engine_flush_seconds").record(started.elapsed().as_secs_f64());
+            engine_flushed = Instant::now();
+            flushed
+        } else {
+            Ok(())
+        };
+        for (kind, done) in waiting_for_flush {
+            done(match kind {
+                Kind::Rows => rows_flushed.clone(),
+                Kind::Log => log_synced.clone(),
+            });
         }
         let took = cycle.elapsed();
         metrics::histogram!("convoy_storage_cycle_seconds").record(took.as_secs_f64());
@@ -374,6 +506,7 @@ mod tests {
 
     use super::*;
     use crate::store::engine::SledEngine;
+    use crate::store::log_files::LogFiles;
     use crate::store::staged::StagedEngine;
 
     /// A writer over a staging engine, as a node has it; the engine reads as the node does.
@@ -384,10 +517,12 @@ mod tests {
 
     fn writer_over_sled() -> (tempfile::TempDir, Arc<dyn KvEngine>, Arc<dyn KvEngine>, StorageWriter) {
         let dir = tempfile::tempdir().unwrap();
-        let sled: Arc<dyn KvEngine> = Arc::new(SledEngine::open(dir.path(), 8 << 20).unwrap());
+        let sled: Arc<dyn KvEngine> = Arc::new(SledEngine::open(&dir.path().join("db"), 8 << 20).unwrap());
         let engine: Arc<dyn KvEngine> = Arc::new(StagedEngine::new(sled.clone(), 1 << 20));
+        let (_, log) = LogFiles::open(&dir.path().join("raft-log")).unwrap();
         let (w, _) = StorageWriter::start(
             engine.clone(),
+            log,
             WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 },
         );
         (dir, sled, engine, w)
@@ -403,12 +538,11 @@ mod tests {
         assert_eq!(engine.get(b"state").unwrap(), Some(b"1".to_vec()), "readers see it at once");
         assert_eq!(sled.get(b"state").unwrap(), None, "staged: no sled batch of its own");
 
-        let mut b = WriteBatch::in_order();
-        b.put(b"log-1".to_vec(), b"e1".to_vec());
-        b.put(b"log-2".to_vec(), b"e2".to_vec());
+        let mut b = WriteBatch::new();
+        b.put(b"identity".to_vec(), b"n1".to_vec());
         w.write(b, Durability::Durable).await.unwrap();
-        assert_eq!(sled.get(b"log-2").unwrap(), Some(b"e2".to_vec()), "in-order writes go straight to the engine");
-        assert_eq!(sled.get(b"state").unwrap(), None, "and leave the staged rows staged");
+        assert_eq!(sled.get(b"identity").unwrap(), Some(b"n1".to_vec()), "a single write goes straight to the engine");
+        assert_eq!(sled.get(b"state").unwrap(), None, "and leaves the staged rows staged");
 
         let mut b = WriteBatch::new();
         b.put(b"a".to_vec(), b"3".to_vec());
@@ -427,6 +561,20 @@ mod tests {
         w.write(b, Durability::Visible).await.unwrap();
         w.stop().await;
         assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_takes_the_staged_rows_to_the_engine() {
+        let (_dir, sled, _engine, w) = writer_over_sled();
+        let mut b = WriteBatch::new();
+        b.put(b"state".to_vec(), b"1".to_vec());
+        w.write(b, Durability::Visible).await.unwrap();
+        let mut single = WriteBatch::new();
+        single.put(b"identity".to_vec(), b"n1".to_vec());
+        w.write(single, Durability::Durable).await.unwrap();
+        assert_eq!(sled.get(b"state").unwrap(), None, "a single durable write leaves staged rows staged");
+        w.checkpoint().await.unwrap();
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"1".to_vec()), "a checkpoint takes them in before its flush");
     }
 
     #[tokio::test]
