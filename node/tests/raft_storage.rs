@@ -274,10 +274,10 @@ async fn retries_are_found_once_the_stored_idempotency_records_are_known_in_memo
     assert_eq!(log_rows(&state_machine_rows(&store, group)), stored + 2, "a new message, once, with its record");
 }
 
-/// The state machine hands a batch to the writer and returns, so openraft may apply the
-/// next batch before the last is visible (a restart replays the log in chunks, back to
-/// back): the metadata group's next command must build on the state the last one left,
-/// not on the last visible one.
+/// When staging is full the state machine hands a batch to the writer and returns, so
+/// openraft may apply the next batch before the last is visible (a restart replays the log
+/// in chunks, back to back): the metadata group's next command must build on the state the
+/// last one left, not on the last visible one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
     use convoy_node::cluster::meta::MetaCommand;
@@ -287,7 +287,8 @@ async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
     use openraft::testing::log_id;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+    // Staging too small for any batch: every apply batch goes through the writer's queue.
+    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
     let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
     let group = RaftGroupId::META;
     let data = Arc::new(ShardData::new(group, store.clone(), 1024));

@@ -126,6 +126,33 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
         };
     }
 
+    // Writes `first` and whatever else is ready (replies, then queued frames, at most
+    // `WRITE_BATCH`) with one flush. A reply and the pushes of the same round of messages
+    // become ready moments apart: one yield first lets them join this write (at the peak, 1.5
+    // socket writes per message instead of 2.3).
+    macro_rules! write_ready {
+        ($first:expr) => {{
+            let first: Utf8Bytes = $first;
+            let write = async {
+                let mut ok = feed(&mut sink, first).await;
+                tokio::task::yield_now().await;
+                while ok {
+                    let Some(Some((id, result))) = pending.next().now_or_never() else { break };
+                    in_flight.remove(&id);
+                    ok = feed(&mut sink, reply_text(&id, &result).into()).await;
+                }
+                let mut n = 1;
+                while ok && n < WRITE_BATCH {
+                    let Ok(next) = frames_rx.try_recv() else { break };
+                    ok = feed(&mut sink, next).await;
+                    n += 1;
+                }
+                ok && flush(&mut sink).await
+            };
+            write_out!(write);
+        }};
+    }
+
     loop {
         let deadline = match &session {
             Some(s) => s.expires_at,
@@ -153,37 +180,10 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
                 close_with!(close::UNAUTHORIZED, reason);
             }
             Some((id, result)) = pending.next(), if !pending.is_empty() => {
-                // Feed every reply that is ready, then flush once.
-                let write = async {
-                    let mut ok = feed(&mut sink, reply_text(&id, &result).into()).await;
-                    in_flight.remove(&id);
-                    while ok {
-                        let Some(Some((id, result))) = pending.next().now_or_never() else { break };
-                        in_flight.remove(&id);
-                        ok = feed(&mut sink, reply_text(&id, &result).into()).await;
-                    }
-                    while ok {
-                        let Ok(next) = frames_rx.try_recv() else { break };
-                        ok = feed(&mut sink, next).await;
-                    }
-                    ok && flush(&mut sink).await
-                };
-                write_out!(write);
+                in_flight.remove(&id);
+                write_ready!(reply_text(&id, &result).into());
             }
-            Some(first) = frames_rx.recv() => {
-                // Write what is queued in one go, then flush once.
-                let write = async {
-                    let mut ok = feed(&mut sink, first).await;
-                    let mut n = 1;
-                    while ok && n < WRITE_BATCH {
-                        let Ok(next) = frames_rx.try_recv() else { break };
-                        ok = feed(&mut sink, next).await;
-                        n += 1;
-                    }
-                    ok && flush(&mut sink).await
-                };
-                write_out!(write);
-            }
+            Some(first) = frames_rx.recv() => write_ready!(first),
             _ = ping.tick() => {
                 if !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) { break; }
             }

@@ -50,6 +50,18 @@ pub struct ShardData {
     timers_changed: Notify,
     sink: RwLock<Option<Arc<dyn AppliedSink>>>,
     idempotency: Arc<IdempotencyFilter>,
+    /// The scan filling `idempotency`, if one was started.
+    scan: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A scan under way holds the store: end it, so the store closes with the shard.
+impl Drop for ShardData {
+    fn drop(&mut self) {
+        self.idempotency.invalidate();
+        if let Some(scan) = self.scan.get_mut().take() {
+            let _ = scan.join();
+        }
+    }
 }
 
 fn fault(e: StoreError) -> StorageFault {
@@ -69,6 +81,7 @@ impl ShardData {
             timers_changed: Notify::new(),
             sink: RwLock::new(None),
             idempotency: Arc::new(IdempotencyFilter::new(group)),
+            scan: Mutex::new(None),
         }
     }
 
@@ -167,7 +180,11 @@ impl ShardData {
     /// Learns the stored idempotency records in the background (startup, snapshot install):
     /// until then every retry check reads the store.
     pub(super) fn scan_idempotency_records(&self) {
-        self.idempotency.scan_in_background(self.group, self.store.clone());
+        let scan = self.idempotency.scan_in_background(self.group, self.store.clone());
+        // A scan of records since replaced has ended or ends at its next record.
+        if let Some(previous) = std::mem::replace(&mut *self.scan.lock(), scan) {
+            let _ = previous.join();
+        }
     }
 
     /// An idempotency record is being written under `row`.

@@ -9,6 +9,7 @@
 //! rules out fewer keys, and lookups fall back to the store.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use fastbloom::AtomicBloomFilter;
 use parking_lot::RwLock;
@@ -83,8 +84,9 @@ impl IdempotencyFilter {
     }
 
     /// Scans `group`'s stored records into the filter on a thread of its own; the filter is
-    /// whole once the scan ends, unless the records were replaced meanwhile.
-    pub fn scan_in_background(self: &Arc<Self>, group: RaftGroupId, store: Store) {
+    /// whole once the scan ends, unless the records were replaced meanwhile (`invalidate`
+    /// also ends a scan under way, at its next record).
+    pub fn scan_in_background(self: &Arc<Self>, group: RaftGroupId, store: Store) -> Option<JoinHandle<()>> {
         let filter = self.clone();
         let generation = self.inner.read().generation;
         let spawned = std::thread::Builder::new().name(format!("idem-scan-{}", group.0)).spawn(move || {
@@ -99,9 +101,11 @@ impl IdempotencyFilter {
                     "scanning idempotency records failed: every retry check reads the store"),
             }
         });
-        if let Err(e) = spawned {
-            tracing::warn!(%group, error = %e, "cannot start the idempotency record scan: every retry check reads the store");
-        }
+        spawned
+            .inspect_err(|e| {
+                tracing::warn!(%group, error = %e, "cannot start the idempotency record scan: every retry check reads the store");
+            })
+            .ok()
     }
 
     /// Inserts every stored record of `generation`; how many, or `None` if the records were

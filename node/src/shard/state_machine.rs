@@ -107,6 +107,8 @@ pub struct ShardStateMachine {
     batches: u64,
     /// Set when a batch failed to be written: the state machine stops applying.
     broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Apply batches queued for the storage writer and not visible yet.
+    in_writer: Arc<std::sync::atomic::AtomicUsize>,
     current: Arc<CurrentSnapshot>,
     /// Held for reading while a snapshot copies the append-only rows after its cut, for
     /// writing while a snapshot is installed (which replaces them).
@@ -135,6 +137,7 @@ impl ShardStateMachine {
             unwritten: Arc::default(),
             batches: 0,
             broken: Arc::default(),
+            in_writer: Arc::default(),
             current: Arc::new(current),
             rewrites: Arc::default(),
             batch_entries: metrics::histogram!("convoy_apply_batch_entries", "group" => group.to_string()),
@@ -454,7 +457,26 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             // The apply spans end here: applied, durable and handed on.
             drop(applying);
         };
-        self.store.writer().submit(batch, Durability::Visible, on_visible).await?;
+        // Staged at once when staging can take it, so the proposers are answered without
+        // waiting for a writer cycle; through the writer otherwise, and then so are the
+        // batches after it until it is visible: batches become visible in order.
+        let batch = if self.in_writer.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            self.store.stage_now(batch)?
+        } else {
+            Some(batch)
+        };
+        match batch {
+            None => on_visible(Ok(())),
+            Some(batch) => {
+                let in_writer = self.in_writer.clone();
+                in_writer.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let done = move |r| {
+                    on_visible(r);
+                    in_writer.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                };
+                self.store.writer().submit(batch, Durability::Visible, done).await?;
+            }
+        }
         Ok(())
     }
 

@@ -104,6 +104,10 @@ pub trait KvEngine: Send + Sync + 'static {
     fn stage(&self, _batch: &WriteBatch) -> Result<bool, StoreError> {
         Ok(false)
     }
+    /// Bytes held staged (see [`KvEngine::stage`]).
+    fn staged_bytes(&self) -> usize {
+        0
+    }
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     fn size_on_disk(&self) -> Result<u64, StoreError>;

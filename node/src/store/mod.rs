@@ -15,6 +15,7 @@ pub mod writer;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -49,6 +50,15 @@ pub struct Store {
     engine: Arc<dyn KvEngine>,
     log_files: Arc<LogFiles>,
     writer: StorageWriter,
+    drain: Arc<Drain>,
+}
+
+/// When rows staged by [`Store::stage_now`] are taken to the engine.
+struct Drain {
+    /// Staged bytes from which the engine thread is asked to take them.
+    at_bytes: usize,
+    /// Asked and not done yet: one request at a time.
+    requested: AtomicBool,
 }
 
 impl Store {
@@ -62,9 +72,11 @@ impl Store {
         let sled: Arc<dyn KvEngine> = Arc::new(engine::SledEngine::open(&dir.join("db"), cache_capacity_bytes)?);
         let (log_files, mut appender) = LogFiles::open(&dir.join("raft-log"))?;
         move_raft_logs_out_of(&*sled, &mut appender)?;
-        let engine: Arc<dyn KvEngine> = Arc::new(staged::StagedEngine::new(sled, limits.max_staged_bytes));
+        let staged = staged::StagedEngine::new(sled, limits.max_staged_bytes * staged::STAGED_HEADROOM);
+        let engine: Arc<dyn KvEngine> = Arc::new(staged);
         let (writer, handle) = StorageWriter::start(engine.clone(), appender, limits);
-        Ok((Store { engine, log_files, writer }, handle))
+        let drain = Arc::new(Drain { at_bytes: limits.max_staged_bytes, requested: AtomicBool::new(false) });
+        Ok((Store { engine, log_files, writer, drain }, handle))
     }
 
     pub fn engine(&self) -> &dyn KvEngine {
@@ -95,6 +107,19 @@ impl Store {
             .into_iter()
             .map(|(k, v)| Ok((k, codec::decode(what, &v)?)))
             .collect()
+    }
+
+    /// Stages `batch`, which needs only to be visible, for readers at once if the engine
+    /// can hold it staged, without waiting for the writer; hands it back if it cannot.
+    pub fn stage_now(&self, batch: WriteBatch) -> Result<Option<WriteBatch>, StoreError> {
+        if !self.engine.stage(&batch)? {
+            return Ok(Some(batch));
+        }
+        if self.engine.staged_bytes() >= self.drain.at_bytes && !self.drain.requested.swap(true, Ordering::SeqCst) {
+            let drain = self.drain.clone();
+            self.writer.drain_staged(move |_| drain.requested.store(false, Ordering::SeqCst));
+        }
+        Ok(None)
     }
 
     /// Hands every row in `[lo, hi)` to `each`, in key order, reading a page at a time, so a
@@ -194,6 +219,37 @@ mod tests {
 
     use super::*;
     use crate::shard::{Entry, RaftGroupId, TypeConfig, Vote};
+
+    /// Rows staged directly (a state machine's applies) are taken to the engine by its writer
+    /// thread once enough are staged, without anyone waiting for it.
+    #[tokio::test]
+    async fn rows_staged_directly_reach_the_engine_once_enough_are_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = WriterLimits { queue_depth: 8, max_batch_bytes: 1 << 20, max_staged_bytes: 4 << 10 };
+        let (store, _writer) = Store::open(dir.path(), 8 << 20, limits).unwrap();
+        let mut refused = 0;
+        for n in 0..400u32 {
+            let mut batch = WriteBatch::new();
+            batch.put(format!("row-{n:04}").into_bytes(), vec![7; 100]);
+            // Past its bound staging refuses, and the row goes through the writer instead.
+            if let Some(batch) = store.stage_now(batch).unwrap() {
+                refused += 1;
+                store.writer().write(batch, Durability::Visible).await.unwrap();
+            }
+            assert!(
+                store.engine().staged_bytes() <= staged::STAGED_HEADROOM * (4 << 10),
+                "staging grew past its bound"
+            );
+        }
+        assert!(refused < 400, "staging refused every row");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.engine().staged_bytes() >= 4 << 10 {
+            assert!(std::time::Instant::now() < deadline, "the staged rows never went to the engine");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let rows = store.engine().range(Bound::Unbounded, Bound::Unbounded, false, 1_000).unwrap();
+        assert_eq!(rows.len(), 400, "every row reads back, staged or not");
+    }
 
     /// A data directory of an earlier version kept each group's Raft log in the database; it
     /// opens with the same logs, now in the files, and the old rows gone.

@@ -11,8 +11,9 @@
 //! stay together (they are staged and taken to the engine whole), and a state machine that
 //! lost applies replays them from its log, whose purge is staged along with them.
 //!
-//! Reads see staged rows over the engine's. Only the storage writer stages, applies and
-//! flushes; reads come from anywhere.
+//! Reads see staged rows over the engine's. Only the storage writer applies and flushes;
+//! rows may be staged from any thread (a state machine stages its applies itself, so an
+//! apply does not wait for the writer), and reads come from anywhere.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -23,19 +24,26 @@ use parking_lot::RwLock;
 use super::StoreError;
 use super::engine::{KeyValue, KvEngine, Op, WriteBatch};
 
-/// The latest staged value of each key: `None` is a delete.
+/// The latest staged value of each key (`None` is a delete), with the number of the stage
+/// call that put it there.
 #[derive(Default)]
 struct Staged {
-    rows: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    rows: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     bytes: usize,
+    stages: u64,
 }
 
 pub struct StagedEngine {
     inner: Arc<dyn KvEngine>,
     staged: RwLock<Staged>,
     /// Staged bytes at most; a batch that would go over is applied, taking the rest along.
+    /// The writer takes them to the engine long before, from a quarter of this on.
     max_staged_bytes: usize,
 }
+
+/// How many times the bytes at which the writer takes staged rows to the engine may be
+/// staged before staging refuses: room for what is staged while it does.
+pub const STAGED_HEADROOM: usize = 4;
 
 impl StagedEngine {
     pub fn new(inner: Arc<dyn KvEngine>, max_staged_bytes: usize) -> StagedEngine {
@@ -46,37 +54,52 @@ impl StagedEngine {
     /// `batch` deletes a range: a range delete sees only what the engine already holds).
     fn apply_with_staged(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut held = WriteBatch::new();
-        for (key, value) in &self.staged.read().rows {
+        let mut taken = Vec::new();
+        for (key, (stage, value)) in &self.staged.read().rows {
             match value {
                 Some(value) => held.put(key.clone(), value.clone()),
                 None => held.delete(key.clone()),
             }
+            taken.push((key.clone(), *stage));
         }
         if held.is_empty() {
             return if batch.is_empty() { Ok(()) } else { self.inner.apply(batch) };
         }
         if batch.has_range_delete() {
             self.inner.apply(held)?;
-            self.clear();
+            self.forget(taken);
             return self.inner.apply(batch);
         }
         let mut all = held;
         all.extend(batch);
         self.inner.apply(all)?;
-        // Cleared only now: until the engine holds them, readers find them here.
-        self.clear();
+        // Forgotten only now: until the engine holds them, readers find them here.
+        self.forget(taken);
         Ok(())
     }
 
-    fn clear(&self) {
-        *self.staged.write() = Staged::default();
-        metrics::gauge!("convoy_storage_staged_bytes").set(0.0);
+    /// Forgets staged rows the engine now holds, unless staged again meanwhile.
+    fn forget(&self, taken: Vec<(Vec<u8>, u64)>) {
+        let mut staged = self.staged.write();
+        for (key, stage) in taken {
+            if let Some((now, value)) = staged.rows.get(&key)
+                && *now == stage
+            {
+                let bytes = key.len() + value.as_ref().map_or(0, Vec::len);
+                staged.bytes = staged.bytes.saturating_sub(bytes);
+                staged.rows.remove(&key);
+            }
+        }
+        if staged.rows.is_empty() {
+            staged.bytes = 0;
+        }
+        metrics::gauge!("convoy_storage_staged_bytes").set(staged.bytes as f64);
     }
 }
 
 impl KvEngine for StagedEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.staged.read().rows.get(key) {
+        if let Some((_, value)) = self.staged.read().rows.get(key) {
             return Ok(value.clone());
         }
         self.inner.get(key)
@@ -92,7 +115,7 @@ impl KvEngine for StagedEngine {
         // Copied, not held: a long read must not hold up the writer. Staged rows reach the
         // engine with the same values, so a copy taken before they are cleared stays right.
         let staged: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            self.staged.read().rows.range::<[u8], _>((start, end)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.staged.read().rows.range::<[u8], _>((start, end)).map(|(k, (_, v))| (k.clone(), v.clone())).collect();
         if staged.is_empty() {
             return self.inner.range(start, end, reverse, limit);
         }
@@ -130,7 +153,16 @@ impl KvEngine for StagedEngine {
         if overlaps { self.apply_with_staged(batch) } else { self.inner.apply_in_order(batch) }
     }
 
+    fn staged_bytes(&self) -> usize {
+        self.staged.read().bytes
+    }
+
     fn stage(&self, batch: &WriteBatch) -> Result<bool, StoreError> {
+        fn op_key(op: &Op) -> &[u8] {
+            match op {
+                Op::Put(key, _) | Op::Delete(key) | Op::DeleteRange(key, _) => key,
+            }
+        }
         if batch.has_range_delete() {
             return Ok(false);
         }
@@ -138,14 +170,22 @@ impl KvEngine for StagedEngine {
         if staged.bytes + batch.bytes() > self.max_staged_bytes {
             return Ok(false);
         }
+        staged.stages += 1;
+        let stage = staged.stages;
         for op in batch.ops() {
-            match op {
-                Op::Put(key, value) => staged.rows.insert(key.clone(), Some(value.clone())),
-                Op::Delete(key) => staged.rows.insert(key.clone(), None),
+            let replaced = match op {
+                Op::Put(key, value) => staged.rows.insert(key.clone(), (stage, Some(value.clone()))),
+                Op::Delete(key) => staged.rows.insert(key.clone(), (stage, None)),
                 Op::DeleteRange(..) => unreachable!("checked above"),
             };
+            if let Some((_, old)) = replaced {
+                staged.bytes = staged.bytes.saturating_sub(op_key(op).len() + old.map_or(0, |v| v.len()));
+            }
+            staged.bytes += match op {
+                Op::Put(key, value) => key.len() + value.len(),
+                Op::Delete(key) | Op::DeleteRange(key, _) => key.len(),
+            };
         }
-        staged.bytes += batch.bytes();
         metrics::gauge!("convoy_storage_staged_bytes").set(staged.bytes as f64);
         Ok(true)
     }
@@ -234,6 +274,33 @@ mod tests {
         staged.apply(WriteBatch::new()).unwrap();
         assert_eq!(sled.get(b"a").unwrap(), Some(big.into_bytes()), "an empty atomic batch takes them along");
         assert!(staged.staged.read().rows.is_empty());
+    }
+
+    #[test]
+    fn a_row_staged_again_while_the_engine_took_it_stays_staged() {
+        let (_dir, sled, staged) = engine();
+        assert!(staged.stage(&batch(&[("state", Some("1")), ("other", Some("1"))])).unwrap());
+        // What a drain takes, as it begins.
+        let taken: Vec<(Vec<u8>, u64)> =
+            staged.staged.read().rows.iter().map(|(k, (stage, _))| (k.clone(), *stage)).collect();
+        // Staged by another thread while the drain writes to the engine.
+        assert!(staged.stage(&batch(&[("state", Some("2"))])).unwrap());
+        staged.forget(taken);
+        assert_eq!(staged.get(b"state").unwrap(), Some(b"2".to_vec()), "the newer value is still read");
+        assert_eq!(staged.staged.read().rows.len(), 1, "only what the drain took is forgotten");
+        assert_eq!(staged.staged_bytes(), "state".len() + 1);
+        staged.apply(WriteBatch::new()).unwrap();
+        assert_eq!(sled.get(b"state").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(staged.staged_bytes(), 0);
+    }
+
+    #[test]
+    fn rewrites_of_a_row_count_once() {
+        let (_dir, _sled, staged) = engine();
+        for n in 0..100 {
+            assert!(staged.stage(&batch(&[("state", Some(&format!("{n:03}")))])).unwrap(), "staging filled up at {n}");
+        }
+        assert_eq!(staged.staged_bytes(), "state".len() + 3);
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! The storage writer: the one thread that writes to the engine and to the Raft log files.
-//! Every write in the node (Raft log appends, votes, state machine applies, snapshots) is a
-//! job on its queue.
+//! The storage writer: one thread that writes the Raft log files, and one that writes the
+//! engine. Every write in the node (Raft log appends, votes, state machine applies,
+//! snapshots) is a job on one of their queues, or staged in memory (`staged.rs`).
 //!
-//! Why one thread: sled's batches and flushes deadlock when issued concurrently from many
-//! tasks (upstream #1308, #1412). It is also the group commit: jobs that queue while a
-//! sync is running are merged into one round, written with one `write` to the log files
-//! and made durable by the next single sync, so syncs per second stay flat while writes
-//! per second grow.
+//! Why one thread per store: sled's batches and flushes deadlock when issued concurrently
+//! from many tasks (upstream #1308, #1412). Each thread is also a group commit: jobs that
+//! queue while a sync is running are merged into one round, written with one `write` to the
+//! log files and made durable by the next single sync, so syncs per second stay flat while
+//! writes per second grow. Two threads, because the engine's large batches (staged rows
+//! taken to sled) would otherwise hold up the log syncs every acknowledged write waits for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,7 +124,9 @@ enum Command {
 
 #[derive(Clone)]
 pub struct StorageWriter {
-    tx: mpsc::Sender<Command>,
+    /// The log thread's queue, and the engine thread's.
+    log_tx: mpsc::Sender<Command>,
+    rows_tx: mpsc::Sender<Command>,
     faults: Arc<WriterFaults>,
 }
 
@@ -139,30 +142,68 @@ pub struct WriterLimits {
 }
 
 impl StorageWriter {
-    /// Starts the writer thread over the engine and the Raft log files. It ends when every
-    /// `StorageWriter` clone is dropped and the queue is drained.
+    /// Starts the writer threads over the engine and the Raft log files. They end when
+    /// every `StorageWriter` clone is dropped and their queues are drained; the handle
+    /// returned joins both.
     pub fn start(
         engine: Arc<dyn KvEngine>,
         log: LogAppender,
         limits: WriterLimits,
     ) -> (StorageWriter, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(limits.queue_depth);
+        let (rows_tx, rows_rx) = mpsc::channel(limits.queue_depth);
+        let (log_tx, log_rx) = mpsc::channel(limits.queue_depth);
         let faults = Arc::new(WriterFaults::default());
-        let thread_faults = faults.clone();
+        let rows_faults = faults.clone();
+        let rows_engine = engine.clone();
+        let rows_thread = std::thread::Builder::new()
+            .name("storage-engine".into())
+            .spawn(move || run(Stores { engine: rows_engine, log: None }, rows_rx, limits, rows_faults))
+            .expect("spawning the engine writer thread");
+        let log_faults = faults.clone();
         let handle = std::thread::Builder::new()
-            .name("storage-writer".into())
-            .spawn(move || run(Stores { engine, log }, rx, limits, thread_faults))
-            .expect("spawning the storage writer thread");
-        (StorageWriter { tx, faults }, handle)
+            .name("storage-log".into())
+            .spawn(move || {
+                run(Stores { engine, log: Some(log) }, log_rx, limits, log_faults);
+                let _ = rows_thread.join();
+            })
+            .expect("spawning the log writer thread");
+        (StorageWriter { log_tx, rows_tx, faults }, handle)
     }
 
     pub fn faults(&self) -> &Arc<WriterFaults> {
         &self.faults
     }
 
+    fn queue_of(&self, work: &Work) -> &mpsc::Sender<Command> {
+        match work {
+            Work::Rows(_) => &self.rows_tx,
+            Work::Log(_) => &self.log_tx,
+        }
+    }
+
     async fn queue(&self, job: Job) -> Result<(), StoreError> {
-        metrics::gauge!("convoy_storage_queue_depth").set((self.tx.max_capacity() - self.tx.capacity()) as f64);
-        self.tx.send(Command::Write(job)).await.map_err(|_| StoreError::WriterStopped)
+        let tx = self.queue_of(&job.work);
+        metrics::gauge!("convoy_storage_queue_depth").set((tx.max_capacity() - tx.capacity()) as f64);
+        tx.send(Command::Write(job)).await.map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Asks the engine thread to take the staged rows to the engine, without waiting; `done`
+    /// runs once it did (or could not take the request).
+    pub fn drain_staged(&self, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        let job = Job {
+            work: Work::Rows(WriteBatch::checkpoint()),
+            durability: Durability::Visible,
+            on_visible: None,
+            done: Box::new(done),
+        };
+        if let Err(
+            mpsc::error::TrySendError::Full(Command::Write(job))
+            | mpsc::error::TrySendError::Closed(Command::Write(job)),
+        ) = self.rows_tx.try_send(Command::Write(job))
+        {
+            // A full queue is a busy thread: it looks at the staged rows after each round anyway.
+            (job.done)(Err(StoreError::WriterStopped));
+        }
     }
 
     /// Queues `batch`; `done` runs on the writer thread once it is `durability`.
@@ -179,9 +220,11 @@ impl StorageWriter {
     /// fail with `WriterStopped`. A stalled writer is let go first.
     pub async fn stop(&self) {
         self.faults.set_stall(false);
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Stop(tx)).await.is_ok() {
-            let _ = rx.await;
+        for queue in [&self.rows_tx, &self.log_tx] {
+            let (tx, rx) = oneshot::channel();
+            if queue.send(Command::Stop(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
         }
     }
 
@@ -234,10 +277,10 @@ impl StorageWriter {
     }
 }
 
-/// What the writer thread writes to.
+/// What a writer thread writes to: the engine, and the log files for the log thread.
 struct Stores {
     engine: Arc<dyn KvEngine>,
-    log: LogAppender,
+    log: Option<LogAppender>,
 }
 
 /// Applies the batches of a round of jobs, in order and as cheaply as each allows: one that
@@ -249,7 +292,7 @@ fn apply(engine: &dyn KvEngine, batches: Vec<(Durability, WriteBatch)>) -> Resul
     for (durability, batch) in batches {
         if atomic.is_empty() {
             match durability {
-                Durability::Visible if engine.stage(&batch)? => continue,
+                Durability::Visible if !batch.is_checkpoint() && engine.stage(&batch)? => continue,
                 Durability::Durable if batch.may_keep_a_prefix() => {
                     engine.apply_in_order(batch)?;
                     continue;
@@ -274,15 +317,19 @@ fn write_round(stores: &mut Stores, faults: &WriterFaults, round: Vec<(Durabilit
         match work {
             Work::Rows(batch) => batches.push((durability, batch)),
             Work::Log(writes) => {
+                let log = stores.log.as_mut().expect("log records are queued only for the log thread");
                 records += writes.len();
                 for write in writes {
-                    stores.log.add(write);
+                    log.add(write);
                 }
             }
         }
     }
     let rows = if batches.is_empty() { Ok(()) } else { apply(&*stores.engine, batches) };
-    let log = if records > 0 { stores.log.write() } else { Ok(()) };
+    let log = match stores.log.as_mut() {
+        Some(log) if records > 0 => log.write(),
+        _ => Ok(()),
+    };
     Outcome { rows, log }
 }
 
@@ -383,9 +430,15 @@ fn run(mut stores: Stores, mut rx: mpsc::Receiver<Command>, limits: WriterLimits
         if pending.is_none()
             && let Some(done) = stop.take()
         {
-            // The empty batch takes any staged rows along.
-            let _ = stores.engine.apply(WriteBatch::new()).and_then(|()| stores.engine.flush());
-            let _ = stores.log.write().and_then(|()| stores.log.sync());
+            match stores.log.as_mut() {
+                Some(log) => {
+                    let _ = log.write().and_then(|()| log.sync());
+                }
+                // The empty batch takes any staged rows along.
+                None => {
+                    let _ = stores.engine.apply(WriteBatch::new()).and_then(|()| stores.engine.flush());
+                }
+            }
             let _ = done.send(());
             return;
         }
@@ -442,15 +495,27 @@ fn run(mut stores: Stores, mut rx: mpsc::Receiver<Command>, limits: WriterLimits
                 std::thread::sleep(Duration::from_millis(stall));
             }
         }
-        let log_synced = if log_durable && outcome.log.is_ok() {
+        let log_synced = if let Some(log) = stores.log.as_mut().filter(|_| log_durable && outcome.log.is_ok()) {
             let started = Instant::now();
-            let synced = stores.log.sync();
+            let synced = log.sync();
             metrics::histogram!("convoy_storage_fsync_seconds").record(started.elapsed().as_secs_f64());
             synced
         } else {
             Ok(())
         };
-        let flush_engine = rows_durable || (ops > 0 && engine_flushed.elapsed() >= ENGINE_FLUSH_EVERY);
+        // Staged rows past the limit go to the engine now, off every writer's path.
+        let drained = if stores.log.is_none() && stores.engine.staged_bytes() >= limits.max_staged_bytes {
+            stores.engine.apply(WriteBatch::checkpoint())
+        } else {
+            Ok(())
+        };
+        if let Err(e) = drained {
+            tracing::error!(error = %e, "taking staged rows to the engine failed; later writes retry it");
+        }
+        // Only the engine thread touches the engine: a flush from the log thread could meet a
+        // batch of the engine thread's (the deadlock this writer exists to avoid).
+        let flush_engine =
+            stores.log.is_none() && (rows_durable || (ops > 0 && engine_flushed.elapsed() >= ENGINE_FLUSH_EVERY));
         let rows_flushed = if flush_engine && outcome.rows.is_ok() {
             let started = Instant::now();
             let flushed = stores.engine.flush();
