@@ -142,8 +142,10 @@ impl Gateway {
                     metrics::counter!("convoy_limit_hits_total", "limit" => "max_connections").increment(1);
                 }
                 let config = gw.ws_config();
+                // Boxed: the TLS handshake and the upgrade take more than 8 KB of state, which
+                // would otherwise stay in every connection's task for as long as it lives.
                 #[allow(clippy::result_large_err)]
-                let upgrade = async move {
+                let upgrade = Box::pin(async move {
                     let stream = match tls {
                         Some(tls) => Either::Right(tls.accept(tcp).await.map_err(|e| format!("TLS handshake: {e}"))?),
                         None => Either::Left(tcp),
@@ -155,7 +157,7 @@ impl Gateway {
                     )
                     .await
                     .map_err(|e| format!("websocket upgrade: {e}"))
-                };
+                });
                 // The TLS handshake and the upgrade count against the time to say hello.
                 match tokio::time::timeout(gw.limits.hello_timeout, upgrade).await {
                     Ok(Ok(ws)) => connection::serve(ws, gw, peer).await,
