@@ -57,6 +57,11 @@ pub enum NodeError {
          cluster needs the same cluster.shards, and it cannot change once the cluster exists"
     )]
     ShardCountMismatch { configured: u16, cluster: u16 },
+    #[error(
+        "storage did not finish its writes within timeouts.shutdown_grace ({0:?}) of the stop: the node exited \
+         without a last flush; nothing acknowledged is lost, and a restart recovers as after a crash"
+    )]
+    StorageStuckAtShutdown(Duration),
 }
 
 /// Where the client secret comes from when the configuration has none.
@@ -385,17 +390,30 @@ pub async fn run(
     while gw.open_connections() > 0 && tokio::time::Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The shards' keeper ends first: it would take the groups stopped below for failed ones
-    // and start them again.
-    let _ = shards_task.await;
-    for host in router.local_hosts() {
-        host.shutdown().await;
+    // Stopping the shards and the last flush wait for storage. A storage that never comes back
+    // must not keep the process alive: giving up is as safe as a kill -9, since everything
+    // acknowledged is already durable.
+    let stop_storage = async {
+        // The shards' keeper ends first: it would take the groups stopped below for failed ones
+        // and start them again.
+        let _ = shards_task.await;
+        for host in router.local_hosts() {
+            host.shutdown().await;
+        }
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
+        // Everything acknowledged is already durable; this makes the rest durable too.
+        store.writer().stop().await;
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    };
+    if tokio::time::timeout(cfg.timeouts.shutdown_grace, stop_storage).await.is_err() {
+        tracing::error!(
+            grace = ?cfg.timeouts.shutdown_grace,
+            "storage did not finish its writes within timeouts.shutdown_grace: exiting without a last flush \
+             (everything acknowledged is durable; requests still waiting were never acknowledged)"
+        );
+        return Err(NodeError::StorageStuckAtShutdown(cfg.timeouts.shutdown_grace));
     }
-    let _ = admin_stop_tx.send(true);
-    let _ = admin_task.await;
-    // Everything acknowledged is already durable; this makes the rest durable too.
-    store.writer().stop().await;
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -273,6 +273,51 @@ async fn sigterm_exits_zero_and_keeps_everything_acked() {
     assert!(unanswered.is_empty(), "stored but never acknowledged across SIGTERM: {unanswered:?}");
 }
 
+/// A storage that never comes back cannot hold a stopping node forever: after the drain and
+/// another `timeouts.shutdown_grace` the node gives up, says why, exits 1, and has lost nothing
+/// it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_storage_stuck_for_good_exits_1_and_keeps_everything_acked() {
+    let node = Node::start(burst_options().set("chaos.enabled", true));
+    let user = unique("stuck");
+    let g = unique("stuck");
+    {
+        let owner = connect(&node, &user, &["driver"]).await;
+        open_group(&owner, &g, vec![]).await;
+    }
+    let record = Record::new(50);
+    let client = connect(&node, &user, &["driver"]).await;
+    let sender = tokio::spawn(send_until_error(client, g.clone(), user.clone(), "s".into(), 5_000, record.clone()));
+    record.wait_reached(Duration::from_secs(30)).await;
+
+    let stalled = admin_post(&node, "/v1/chaos/storage/stall").await;
+    assert_eq!(stalled.status, 200, "{stalled:?}");
+    let waiting =
+        wait_until(Duration::from_secs(10), || async { metric(&node, "convoy_requests_in_flight").await >= 1.0 }).await;
+    assert!(waiting, "the sender's request never waited in the node");
+    // Node::terminate panics if the process outlives STOP_TIMEOUT: the node must give up by itself.
+    let (mut node, status) = tokio::task::spawn_blocking(move || {
+        let mut node = node;
+        let status = node.terminate();
+        (node, status)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    assert_eq!(status.code(), Some(1), "SIGTERM with storage stuck: exit status {status}");
+    let log = std::fs::read_to_string(node.log_path()).expect("reading the node's log");
+    assert!(
+        log.contains("storage did not finish its writes within timeouts.shutdown_grace"),
+        "the node did not say why it gave up:\n{log}"
+    );
+    sender.await.expect("sender task");
+
+    node.restart();
+    let checker = connect(&node, &user, &["driver"]).await;
+    let acks = record.acks.lock().unwrap().clone();
+    let attempted = record.attempted.lock().unwrap().clone();
+    check_group(&checker, &g, &acks, &attempted, &mut BTreeMap::new()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_sends_retried_after_a_crash_are_stored_at_most_once() {
     const ROUNDS: usize = 3;
