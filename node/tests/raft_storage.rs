@@ -128,7 +128,13 @@ impl Requests {
         self.index += 1;
         let entry = convoy_node::shard::Entry::new_normal(
             log_id::<TypeConfig>(1, 1, self.index),
-            RaftRequest::Entity(EntityCommand { key, cmd, at: Timestamp(self.index), traceparent: None }),
+            RaftRequest::Entity(Box::new(EntityCommand {
+                key,
+                cmd,
+                at: Timestamp(self.index),
+                traceparent: None,
+                origin: None,
+            })),
         );
         sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
     }

@@ -40,7 +40,7 @@ impl Inbound for Arc<NodeInbound> {
                     CallReply::Heartbeat { reports: this.shards.reports() }
                 }
                 Call::Raft { group, rpc } => this.raft(from, group, rpc).await,
-                Call::Route(routed) => this.router.serve_local(routed).await,
+                Call::Route(routed, origin) => this.router.serve_local(routed, origin).await,
                 Call::Control(control) => match control_here(&this, from, control).await {
                     Ok(()) => CallReply::Done,
                     Err(e) => CallReply::Failed(e),

@@ -17,7 +17,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::meta::MetaCommand;
-use crate::shard::{NodeAddr, NodeId, RaftGroupId, SnapshotMeta, TypeConfig, Vote};
+use crate::shard::{NodeAddr, NodeId, RaftGroupId, RequestOrigin, SnapshotMeta, TypeConfig, Vote};
 
 /// Largest encoded message: well under ractor_cluster's 16 MiB frame limit, one frame over
 /// which tears down the whole session.
@@ -65,8 +65,9 @@ pub enum Call {
         group: RaftGroupId,
         rpc: RaftRpc,
     },
-    /// A client request for an entity whose shard this node leads.
-    Route(Routed),
+    /// A client request for an entity whose shard this node leads, and the client request it
+    /// serves, if one.
+    Route(Routed, Option<RequestOrigin>),
     Control(Control),
     /// Which users are connected to the sender; answered once applied.
     Presence(PresenceUpdate),
@@ -82,7 +83,7 @@ impl Call {
             Call::Raft { rpc: RaftRpc::Vote(_) | RaftRpc::PreVote(_), .. } => "raft_vote",
             Call::Raft { rpc: RaftRpc::TransferLeader(_), .. } => "raft_transfer",
             Call::Raft { rpc: RaftRpc::SnapshotChunk { .. }, .. } => "raft_snapshot",
-            Call::Route(_) => "route",
+            Call::Route(..) => "route",
             Call::Control(_) => "control",
             Call::Presence(_) => "presence",
         }

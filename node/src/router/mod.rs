@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::cluster::transport::Transport;
 use crate::cluster::view::ClusterView;
 use crate::cluster::wire::{Call, CallReply, Routed};
-use crate::shard::{Leadership, NodeId, RaftGroupId, ShardHost};
+use crate::shard::{Leadership, NodeId, RaftGroupId, RequestOrigin, ShardHost};
 use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// The shard an entity lives in. Stable across versions and nodes: xxh3 of the kind and
@@ -213,7 +213,7 @@ impl Router {
     /// Sends `op` to `node`. `Err` when it did not get there or `node` does not lead.
     async fn forward(&self, node: NodeId, op: Op) -> Result<Result<Reply, Rejection>, Rejection> {
         let remote = self.inner.remote.get().expect("a remote target implies a transport");
-        let call = Call::Route(op.routed());
+        let call = Call::Route(op.routed(), RequestOrigin::current());
         metrics::counter!("convoy_router_forwards_total").increment(1);
         let hop = trace::child(|| tracing::info_span!(target: TRACE, "hop", to = %format_args!("{node:x}")));
         match remote.transport.call(node, &call, self.inner.request_timeout).instrument(hop).await {
@@ -227,12 +227,16 @@ impl Router {
     }
 
     /// Serves an operation another node forwarded: only if this node leads the shard.
-    pub async fn serve_local(&self, routed: Routed) -> CallReply {
+    pub async fn serve_local(&self, routed: Routed, origin: Option<RequestOrigin>) -> CallReply {
         let op = Op::from_routed(routed);
         let group = self.shard_of(op.key());
         match self.local(group) {
             Some(host) if matches!(host.leadership(), Leadership::Leading { .. }) => {
-                CallReply::Routed(op.run(&host).await)
+                let result = match origin {
+                    Some(origin) => origin.scope(op.run(&host)).await,
+                    None => op.run(&host).await,
+                };
+                CallReply::Routed(result)
             }
             Some(host) => {
                 let leader = match host.leadership() {
@@ -270,10 +274,11 @@ impl Router {
         self.route(Op::Query(key, q)).await
     }
 
-    /// Serves a parsed client operation.
+    /// Serves a parsed client operation: every attempt the cluster makes on its behalf
+    /// carries one [`RequestOrigin`].
     pub async fn dispatch(&self, route: Route) -> Result<Reply, Rejection> {
         match route {
-            Route::Actor { key, request } => self.request(key, request).await,
+            Route::Actor { key, request } => RequestOrigin::new().scope(self.request(key, request)).await,
             Route::Query { key, query } => self.query(key, query).await,
         }
     }

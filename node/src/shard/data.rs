@@ -14,9 +14,9 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, watch};
 
-use super::RaftGroupId;
 use super::idempotency::IdempotencyFilter;
 use super::state_machine::{AppliedEffects, AppliedSink};
+use super::{IdempotencyRecord, RaftGroupId};
 use crate::cluster::meta::ClusterState;
 use crate::store::{Store, StoreError, codec, keys};
 
@@ -223,13 +223,24 @@ impl ShardData {
     }
 }
 
-impl LogIndex for ShardData {
-    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+impl ShardData {
+    /// The stored idempotency record of `idem` in `key`'s log, if any.
+    pub(super) fn idempotency_record(
+        &self,
+        key: &EntityKey,
+        idem: &str,
+    ) -> Result<Option<IdempotencyRecord>, StorageFault> {
         let row = keys::idempotency(self.group, key, idem);
         if self.idempotency.rules_out(&row) {
             return Ok(None);
         }
         self.store.get("idempotency record", &row).map_err(fault)
+    }
+}
+
+impl LogIndex for ShardData {
+    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+        Ok(self.idempotency_record(key, idem)?.map(|r| (r.seq, r.ts)))
     }
 }
 

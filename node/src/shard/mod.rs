@@ -335,8 +335,13 @@ impl ShardHost {
         let span = trace::child(
             || tracing::info_span!(target: TRACE, "raft.commit", shard = %self.group, index = tracing::field::Empty, batch_size = tracing::field::Empty),
         );
-        let req =
-            RaftRequest::Entity(EntityCommand { key, cmd, at: now(), traceparent: span.in_scope(trace::traceparent) });
+        let req = RaftRequest::Entity(Box::new(EntityCommand {
+            key,
+            cmd,
+            at: now(),
+            traceparent: span.in_scope(trace::traceparent),
+            origin: RequestOrigin::current(),
+        }));
         let started = std::time::Instant::now();
         let written =
             self.while_leading(async { Ok(self.raft.client_write(req).await) }).instrument(span.clone()).await?;

@@ -16,7 +16,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use convoy_actors::domain::{self, EntityState, LogIndex, Notice, TimerChange};
+use convoy_actors::domain::{self, EntityState, LogIndex, Notice, Reply, TimerChange};
 use convoy_actors::group::Entry as LogEntry;
 use convoy_actors::{EntityKey, ErrorCode, Rejection, StorageFault, Timestamp};
 use futures::{Stream, TryStreamExt};
@@ -27,7 +27,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::data::ShardData;
-use super::{ApplyResult, LogId, RaftGroupId, RaftRequest, SnapshotMeta, StoredMembership, TypeConfig};
+use super::{
+    ApplyResult, IdempotencyRecord, LogId, RaftGroupId, RaftRequest, RequestOrigin, SnapshotMeta, StoredMembership,
+    TypeConfig,
+};
 use crate::cluster::meta::ClusterState;
 use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
 use crate::telemetry::trace;
@@ -231,20 +234,22 @@ fn snapshot_name(meta: &SnapshotMeta) -> String {
 struct Unwritten {
     /// Entity -> (the batch that wrote it, its state).
     states: HashMap<EntityKey, (u64, Option<Arc<EntityState>>)>,
-    idempotency: HashMap<(EntityKey, String), (u64, (u64, Timestamp))>,
+    idempotency: HashMap<(EntityKey, String), (u64, IdempotencyRecord)>,
     /// The metadata group's cluster state: (the batch that wrote it, the state).
     cluster: Option<(u64, Arc<ClusterState>)>,
 }
 
-/// Idempotency records in front of the engine: this batch's, then unwritten ones.
+/// Idempotency records in front of the engine: this batch's, then unwritten ones. Keeps the
+/// record it found last, for the request that wrote it.
 struct BatchIndex<'a> {
     data: &'a ShardData,
-    pending: &'a HashMap<(EntityKey, String), (u64, Timestamp)>,
+    pending: &'a HashMap<(EntityKey, String), IdempotencyRecord>,
     unwritten: &'a Mutex<Unwritten>,
+    found: std::cell::Cell<Option<IdempotencyRecord>>,
 }
 
-impl LogIndex for BatchIndex<'_> {
-    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+impl BatchIndex<'_> {
+    fn record(&self, key: &EntityKey, idem: &str) -> Result<Option<IdempotencyRecord>, StorageFault> {
         let k = (key.clone(), idem.to_string());
         if let Some(hit) = self.pending.get(&k) {
             return Ok(Some(*hit));
@@ -252,7 +257,21 @@ impl LogIndex for BatchIndex<'_> {
         if let Some((_, hit)) = self.unwritten.lock().idempotency.get(&k) {
             return Ok(Some(*hit));
         }
-        self.data.find_idempotent(key, idem)
+        self.data.idempotency_record(key, idem)
+    }
+
+    /// Whether the duplicate at `seq` that `apply` just answered was written by an earlier
+    /// attempt of `origin`'s own request.
+    fn found_own(&self, seq: u64, origin: Option<RequestOrigin>) -> bool {
+        origin.is_some() && self.found.get().is_some_and(|r| r.seq == seq && r.origin == origin)
+    }
+}
+
+impl LogIndex for BatchIndex<'_> {
+    fn find_idempotent(&self, key: &EntityKey, idem: &str) -> Result<Option<(u64, Timestamp)>, StorageFault> {
+        let found = self.record(key, idem)?;
+        self.found.set(found);
+        Ok(found.map(|r| (r.seq, r.ts)))
     }
 }
 
@@ -320,6 +339,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ApplyResult::Meta(state.apply(cmd))
                 }
                 EntryPayload::Normal(RaftRequest::Entity(c)) => {
+                    let c = *c;
                     let span = trace::continued(
                         c.traceparent.as_deref(),
                         || tracing::info_span!(target: trace::TARGET, "apply", shard = %group, entity = %c.key, index = log_id.index(), batch_size = tracing::field::Empty, trace_id = tracing::field::Empty),
@@ -339,8 +359,19 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                             states.entry(c.key.clone()).or_insert(loaded.map(|s| (*s).clone()))
                         }
                     };
-                    let index = BatchIndex { data: &self.data, pending: &pending_idem, unwritten: &self.unwritten };
-                    let outcome = domain::apply(&c.key, state, c.cmd, c.at, &index).map_err(io::Error::other)?;
+                    let index = BatchIndex {
+                        data: &self.data,
+                        pending: &pending_idem,
+                        unwritten: &self.unwritten,
+                        found: std::cell::Cell::new(None),
+                    };
+                    let mut outcome = domain::apply(&c.key, state, c.cmd, c.at, &index).map_err(io::Error::other)?;
+                    if let Ok(Reply::Sent { seq, duplicate, .. }) = &mut outcome.reply
+                        && *duplicate
+                        && index.found_own(*seq, c.origin)
+                    {
+                        *duplicate = false;
+                    }
                     if outcome.state_changed && !changed.contains(&c.key) {
                         changed.push(c.key.clone());
                     }
@@ -349,8 +380,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         if let Some(idem) = e.idempotency_key() {
                             let row = keys::idempotency(group, &c.key, &idem);
                             self.data.idempotency_recorded(&row);
-                            batch.put(row, codec::encode(&(e.seq, e.ts)));
-                            pending_idem.insert((c.key.clone(), idem), (e.seq, e.ts));
+                            let record = IdempotencyRecord { seq: e.seq, ts: e.ts, origin: c.origin };
+                            batch.put(row, codec::encode(&record));
+                            pending_idem.insert((c.key.clone(), idem), record);
                         }
                     }
                     for t in &outcome.timers {
@@ -631,8 +663,8 @@ fn copy_logs(store: &Store, group: RaftGroupId, mut rows: Rows) -> Result<Rows, 
                 _ => false,
             },
             Some(keys::AppendOnlyRow::Idempotency { entity }) => {
-                let (seq, _): (u64, Timestamp) = codec::decode("idempotency record", &value)?;
-                log_len.get(entity).is_some_and(|(len, _)| seq <= *len)
+                let record: IdempotencyRecord = codec::decode("idempotency record", &value)?;
+                log_len.get(entity).is_some_and(|(len, _)| record.seq <= *len)
             }
             None => {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{group}: {key:?} is not a log row")));
@@ -689,6 +721,45 @@ mod tests {
         // Large enough that reading one takes a while: a reader is still at it when the
         // next snapshot lands.
         SnapshotFile { meta, cut: vec![(vec![index as u8], vec![index as u8; 2 << 20])] }
+    }
+
+    /// After a leader fails, the cluster retries a client's request; when the first attempt
+    /// was committed, the retry finds its record and must answer as that attempt would have.
+    #[test]
+    fn a_duplicate_is_the_requests_own_only_when_its_record_names_that_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = crate::store::WriterLimits { queue_depth: 8, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+        let (store, _writer) = Store::open(dir.path(), 1 << 20, limits).unwrap();
+        let data = ShardData::new(RaftGroupId(1), store, 16);
+        let key = EntityKey::Group("g-1".parse().unwrap());
+        let mine = RequestOrigin(7);
+        let pending = HashMap::from([(
+            (key.clone(), "u-1/m-1".to_string()),
+            IdempotencyRecord { seq: 3, ts: Timestamp(1), origin: Some(mine) },
+        )]);
+        let unwritten = Mutex::new(Unwritten::default());
+        unwritten.lock().idempotency.insert(
+            (key.clone(), "u-1/m-2".to_string()),
+            (1, IdempotencyRecord { seq: 4, ts: Timestamp(2), origin: None }),
+        );
+        let index =
+            BatchIndex { data: &data, pending: &pending, unwritten: &unwritten, found: std::cell::Cell::new(None) };
+
+        assert_eq!(index.find_idempotent(&key, "u-1/m-1").unwrap(), Some((3, Timestamp(1))));
+        assert!(index.found_own(3, Some(mine)));
+        assert!(!index.found_own(3, Some(RequestOrigin(8))), "another request sent the same message");
+        assert!(!index.found_own(3, None), "a command of no client request");
+        assert!(!index.found_own(4, Some(mine)), "another entry");
+
+        // A record that names no request (a timer's, an outbox's) is nobody's own.
+        assert_eq!(index.find_idempotent(&key, "u-1/m-2").unwrap(), Some((4, Timestamp(2))));
+        assert!(!index.found_own(4, None));
+        assert!(!index.found_own(4, Some(mine)));
+
+        // A lookup that finds nothing forgets what the previous one found.
+        index.find_idempotent(&key, "u-1/m-1").unwrap();
+        assert_eq!(index.find_idempotent(&key, "u-1/m-3").unwrap(), None);
+        assert!(!index.found_own(3, Some(mine)));
     }
 
     #[test]

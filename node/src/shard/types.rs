@@ -57,13 +57,58 @@ pub struct EntityCommand {
     pub at: Timestamp,
     /// W3C traceparent of the request that caused it, so apply spans join its trace.
     pub traceparent: Option<String>,
+    /// The client request it serves, if one (see [`RequestOrigin`]).
+    pub origin: Option<RequestOrigin>,
+}
+
+/// One client request, wherever in the cluster it is served: random, and the same for every
+/// attempt the cluster makes on the request's behalf (a retry after a leader failed). A
+/// command's idempotency record keeps it, so an attempt that finds the record of an earlier
+/// attempt of its own request answers as that attempt would have (`duplicate: false`),
+/// not as a client's retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestOrigin(pub u64);
+
+tokio::task_local! {
+    static ORIGIN: RequestOrigin;
+}
+
+impl RequestOrigin {
+    pub fn new() -> RequestOrigin {
+        RequestOrigin(rand::random())
+    }
+
+    /// The request the current task serves, if it serves one.
+    pub fn current() -> Option<RequestOrigin> {
+        ORIGIN.try_with(|o| *o).ok()
+    }
+
+    /// Runs `f` on behalf of this request: commands proposed within it carry it.
+    pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        ORIGIN.scope(self, f).await
+    }
+}
+
+impl Default for RequestOrigin {
+    fn default() -> RequestOrigin {
+        RequestOrigin::new()
+    }
+}
+
+/// A stored idempotency record: where the entry went, and the request that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub seq: u64,
+    pub ts: Timestamp,
+    pub origin: Option<RequestOrigin>,
 }
 
 /// A log entry's application payload: entity commands in shard groups, cluster metadata
 /// commands in the metadata group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RaftRequest {
-    Entity(EntityCommand),
+    /// Boxed: the command is most of an entry's size, and the metadata group's are small.
+    Entity(Box<EntityCommand>),
     Meta(MetaCommand),
 }
 

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use super::StoreError;
 
 /// Bumped whenever a stored type changes shape.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
