@@ -6,28 +6,22 @@
 //! 02 <group:u16> 01                           state machine: last applied + membership
 //! 02 <group:u16> 02 <entity>                  entity state
 //! 02 <group:u16> 03 <entity> 00 <seq:u64>     entity log entry
-//! 02 <group:u16> 04 <entity> 00 <idem key>    idempotency index -> (seq, ts)
+//! 02 <group:u16> 04 <entity> 00 <idem key>    idempotency index -> (seq, ts, request)
 //! 02 <group:u16> 05 <entity> 00 <timer>       timer -> due
 //! 02 <group:u16> 06                           cluster metadata (metadata group only)
 //! ```
 //! Everything a group's state machine owns lies under `02 <group>`: a snapshot is that
 //! prefix, and installing one replaces it. Entity log entries and idempotency records are
 //! written once and never changed (`append_only`); the rest may change with every apply.
-//! Raft logs are in their own files (`log_files.rs`); earlier versions kept them under `01`,
-//! where opening finds them once to move them out (`old_raft_row`).
+//! Raft logs are in their own files (`log_files.rs`).
 
 use convoy_actors::EntityKey;
 
 use crate::shard::RaftGroupId;
 
 const NODE: u8 = 0x00;
-const RAFT: u8 = 0x01;
+// 0x01 held the Raft logs before they had files of their own (format version 2).
 const SM: u8 = 0x02;
-
-const VOTE: u8 = 0x01;
-const COMMITTED: u8 = 0x02;
-const PURGED: u8 = 0x03;
-const SEGMENT: u8 = 0x10;
 
 const APPLIED: u8 = 0x01;
 const STATE: u8 = 0x02;
@@ -42,37 +36,6 @@ pub fn node_meta(name: &str) -> Vec<u8> {
     let mut k = vec![NODE];
     k.extend_from_slice(name.as_bytes());
     k
-}
-
-/// `[start, end)` of the rows where earlier versions kept the Raft logs.
-pub fn raft_group_rows() -> (Vec<u8>, Vec<u8>) {
-    (vec![RAFT], vec![RAFT + 1])
-}
-
-/// A Raft row of an earlier version: `01 <group:u16> <tag> ...`.
-#[derive(Debug, PartialEq, Eq)]
-pub enum OldRaftRow {
-    Vote,
-    Committed,
-    Purged,
-    /// Consecutive entries.
-    Segment,
-}
-
-/// The group and kind of an earlier version's Raft row; `None` for any other key.
-pub fn old_raft_row(key: &[u8]) -> Option<(u16, OldRaftRow)> {
-    let (&[kind, hi, lo, tag], _) = key.split_first_chunk::<4>()?;
-    if kind != RAFT {
-        return None;
-    }
-    let row = match tag {
-        VOTE => OldRaftRow::Vote,
-        COMMITTED => OldRaftRow::Committed,
-        PURGED => OldRaftRow::Purged,
-        SEGMENT => OldRaftRow::Segment,
-        _ => return None,
-    };
-    Some((u16::from_be_bytes([hi, lo]), row))
 }
 
 /// `02 <group:u16>`: the bytes before a state machine row's tag.

@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use engine::{KvEngine, WriteBatch};
-use log_files::{LogAppender, LogFiles, LogWrite, Record};
+use log_files::LogFiles;
 pub use writer::{Durability, StorageWriter, WriterLimits};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,8 +70,7 @@ impl Store {
         limits: WriterLimits,
     ) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
         let sled: Arc<dyn KvEngine> = Arc::new(engine::SledEngine::open(&dir.join("db"), cache_capacity_bytes)?);
-        let (log_files, mut appender) = LogFiles::open(&dir.join("raft-log"))?;
-        move_raft_logs_out_of(&*sled, &mut appender)?;
+        let (log_files, appender) = LogFiles::open(&dir.join("raft-log"))?;
         let staged = staged::StagedEngine::new(sled, limits.max_staged_bytes * staged::STAGED_HEADROOM);
         let engine: Arc<dyn KvEngine> = Arc::new(staged);
         let (writer, handle) = StorageWriter::start(engine.clone(), appender, limits);
@@ -156,69 +155,9 @@ impl Store {
     }
 }
 
-/// Moves Raft logs that an earlier version kept in the engine (under `keys::raft_group`)
-/// into the log files, durably, then deletes them from the engine. Does nothing when there
-/// are none.
-fn move_raft_logs_out_of(engine: &dyn KvEngine, appender: &mut LogAppender) -> Result<(), StoreError> {
-    use crate::shard::{Entry, LogId, RaftGroupId, Vote};
-    let (lo, hi) = keys::raft_group_rows();
-    if engine.range(Bound::Included(&lo), Bound::Excluded(&hi), false, 1)?.is_empty() {
-        return Ok(());
-    }
-    let mut moved = 0u64;
-    // Log ids after the entries: a purge taken in before the entries it covers would not cover them.
-    let mut metadata = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let start = after.as_deref().map_or(Bound::Included(lo.as_slice()), Bound::Excluded);
-        let page = engine.range(start, Bound::Excluded(&hi), false, PAGE_ROWS)?;
-        after = page.last().map(|(k, _)| k.clone());
-        for (key, value) in &page {
-            let Some((group, row)) = keys::old_raft_row(key) else { continue };
-            let group = RaftGroupId(group);
-            let record = match row {
-                keys::OldRaftRow::Vote => Record::Vote { group, vote: codec::decode::<Vote>("raft vote", value)? },
-                keys::OldRaftRow::Committed => Record::Committed {
-                    group,
-                    committed: codec::decode::<Option<LogId>>("raft committed log id", value)?,
-                },
-                keys::OldRaftRow::Purged => {
-                    Record::Purge { group, upto: codec::decode::<LogId>("raft purged log id", value)? }
-                }
-                keys::OldRaftRow::Segment => {
-                    let entries: Vec<Entry> = codec::decode("raft log segment", value)?;
-                    moved += entries.len() as u64;
-                    if let Some(write) = LogWrite::entries(group, &entries) {
-                        appender.add(write);
-                    }
-                    continue;
-                }
-            };
-            metadata.push(record);
-        }
-        if page.len() < PAGE_ROWS {
-            break;
-        }
-    }
-    for record in metadata {
-        appender.add(LogWrite::record(record));
-    }
-    appender.write()?;
-    appender.sync()?;
-    let mut batch = WriteBatch::new();
-    batch.delete_range(lo, hi);
-    engine.apply(batch)?;
-    engine.flush()?;
-    tracing::info!(entries = moved, "moved the raft logs out of the database into raft-log/");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use openraft::testing::{blank_ent, log_id};
-
     use super::*;
-    use crate::shard::{Entry, RaftGroupId, TypeConfig, Vote};
 
     /// Rows staged directly (a state machine's applies) are taken to the engine by its writer
     /// thread once enough are staged, without anyone waiting for it.
@@ -249,45 +188,5 @@ mod tests {
         }
         let rows = store.engine().range(Bound::Unbounded, Bound::Unbounded, false, 1_000).unwrap();
         assert_eq!(rows.len(), 400, "every row reads back, staged or not");
-    }
-
-    /// A data directory of an earlier version kept each group's Raft log in the database; it
-    /// opens with the same logs, now in the files, and the old rows gone.
-    #[test]
-    fn raft_logs_kept_in_the_database_move_into_the_log_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let group = RaftGroupId(4);
-        let old_key = |tag: u8, index: Option<u64>| {
-            let mut k = vec![0x01];
-            k.extend_from_slice(&group.0.to_be_bytes());
-            k.push(tag);
-            k.extend(index.map(u64::to_be_bytes).into_iter().flatten());
-            k
-        };
-        {
-            let sled = engine::SledEngine::open(&dir.path().join("db"), 8 << 20).unwrap();
-            let segment = |range: std::ops::RangeInclusive<u64>| {
-                codec::encode(&range.map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect::<Vec<Entry>>())
-            };
-            let mut batch = WriteBatch::new();
-            batch.put(old_key(0x01, None), codec::encode(&Vote::new(3, 9)));
-            batch.put(old_key(0x02, None), codec::encode(&Some(log_id::<TypeConfig>(1, 1, 25))));
-            batch.put(old_key(0x03, None), codec::encode(&log_id::<TypeConfig>(1, 1, 10)));
-            batch.put(old_key(0x10, Some(1)), segment(1..=20));
-            batch.put(old_key(0x10, Some(21)), segment(21..=30));
-            sled.apply(batch).unwrap();
-            sled.flush().unwrap();
-        }
-        let limits = WriterLimits { queue_depth: 8, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 16 };
-        let (store, _writer) = Store::open(dir.path(), 8 << 20, limits).unwrap();
-        let files = store.log_files();
-        assert_eq!(files.vote(group), Some(Vote::new(3, 9)));
-        assert_eq!(files.committed(group).map(|c| c.index()), Some(25));
-        let (purged, last) = files.log_state(group);
-        assert_eq!((purged.map(|p| p.index()), last.map(|l| l.index())), (Some(10), Some(30)));
-        let read: Vec<u64> = files.read(group, 0, u64::MAX).unwrap().iter().map(|e| e.log_id.index).collect();
-        assert_eq!(read, (11..=30).collect::<Vec<_>>());
-        let (lo, hi) = keys::raft_group_rows();
-        assert!(store.engine().range(Bound::Included(&lo), Bound::Excluded(&hi), false, 10).unwrap().is_empty());
     }
 }
