@@ -53,13 +53,28 @@ async fn a_purge_drops_what_it_covers_and_keeps_the_rest_across_a_restart() {
         drop((log, store));
         writer.join().expect("the writer ends");
     }
-    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("reopen store");
+    let (store, _writer) = open_store(dir.path(), limits).await;
     let mut log = RaftLog::new(group, store);
     let state = log.get_log_state().await.expect("log state");
     assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1_500), "the purge point survives a restart");
     assert_eq!(state.last_log_id.map(|l| l.index), Some(2_000));
     let kept = log.get_log_reader().await.try_get_log_entries(1..2_001).await.expect("read the rest");
     assert_eq!(kept.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (1_501..=2_000).collect::<Vec<u64>>());
+}
+
+/// Opens the store in `dir`. One of the same directory dropped just before may hold sled's
+/// lock a moment longer, while sled's I/O threads finish their last jobs: that is waited out.
+async fn open_store(dir: &std::path::Path, limits: WriterLimits) -> (Store, std::thread::JoinHandle<()>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir, 16 << 20, limits) {
+            Ok(opened) => return opened,
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("open store: {e}"),
+        }
+    }
 }
 
 struct Opened {
@@ -71,7 +86,7 @@ struct Opened {
 
 async fn open_state_machine(dir: &std::path::Path, group: RaftGroupId) -> Opened {
     let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
-    let (store, writer) = Store::open(dir, 16 << 20, limits).expect("open store");
+    let (store, writer) = open_store(dir, limits).await;
     let data = Arc::new(ShardData::new(group, store.clone(), 1024));
     let sm = ShardStateMachine::open(group, store.clone(), data.clone(), dir.join("snapshots")).expect("open sm");
     Opened { store, sm, data, writer }
