@@ -278,7 +278,7 @@ impl Router {
     /// carries one [`RequestOrigin`].
     pub async fn dispatch(&self, route: Route) -> Result<Reply, Rejection> {
         match route {
-            Route::Actor { key, request } => RequestOrigin::new().scope(self.request(key, request)).await,
+            Route::Actor { key, request } => RequestOrigin::random().scope(self.request(key, request)).await,
             Route::Query { key, query } => self.query(key, query).await,
         }
     }

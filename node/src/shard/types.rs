@@ -74,7 +74,8 @@ tokio::task_local! {
 }
 
 impl RequestOrigin {
-    pub fn new() -> RequestOrigin {
+    /// A new request's origin.
+    pub fn random() -> RequestOrigin {
         RequestOrigin(rand::random())
     }
 
@@ -86,12 +87,6 @@ impl RequestOrigin {
     /// Runs `f` on behalf of this request: commands proposed within it carry it.
     pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
         ORIGIN.scope(self, f).await
-    }
-}
-
-impl Default for RequestOrigin {
-    fn default() -> RequestOrigin {
-        RequestOrigin::new()
     }
 }
 
