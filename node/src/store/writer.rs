@@ -217,9 +217,9 @@ impl StorageWriter {
     }
 
     /// Makes everything queued so far durable and ends the writer thread. Later writes
-    /// fail with `WriterStopped`. A stalled writer is let go first.
+    /// fail with `WriterStopped`. An injected stall holds the stop as a stuck disk would, until
+    /// healed: the node's shutdown bounds that wait, not the writer.
     pub async fn stop(&self) {
-        self.faults.set_stall(false);
         for queue in [&self.rows_tx, &self.log_tx] {
             let (tx, rx) = oneshot::channel();
             if queue.send(Command::Stop(tx)).await.is_ok() {
@@ -701,13 +701,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stopping_a_stalled_writer_lets_it_finish() {
+    async fn stopping_a_stalled_writer_waits_for_the_heal_then_finishes() {
         let (_dir, engine, w) = writer();
         w.faults().set_stall(true);
         let mut b = WriteBatch::new();
         b.put(b"k".to_vec(), b"v".to_vec());
         w.submit(b, Durability::Durable, |_| {}).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), w.stop()).await.expect("stop returns");
+        let w = Arc::new(w);
+        let stopping = tokio::spawn({
+            let w = w.clone();
+            async move { w.stop().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!stopping.is_finished(), "the stop went through a stall nobody healed");
+        assert_eq!(engine.get(b"k").unwrap(), None);
+        w.faults().set_stall(false);
+        tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("stop returns").unwrap();
         assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
     }
 
