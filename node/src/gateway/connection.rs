@@ -112,6 +112,8 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
     macro_rules! drop_slow_reader {
         () => {{
             metrics::counter!("convoy_connections_dropped_total", "reason" => "slow_reader").increment(1);
+            let user = session.as_ref().map(|s| s.principal.user.to_string());
+            tracing::warn!(%peer, ?user, queue = limits.outbound_queue, "dropping a slow reader: its outbound queue is full");
             close_with!(close::TOO_SLOW, "outbound queue full: read faster", SLOW_READER_CLOSE)
         }};
     }
@@ -174,6 +176,8 @@ pub async fn serve(ws: WebSocketStream<ClientStream>, gw: Arc<Gateway>, peer: So
             _ = sleep_until(deadline.min(last_heard + gw.limits.pong_timeout)) => {
                 if Instant::now() < deadline {
                     metrics::counter!("convoy_connections_dropped_total", "reason" => "no_pong").increment(1);
+                    let user = session.as_ref().map(|s| s.principal.user.to_string());
+                    tracing::warn!(%peer, ?user, silent_for = ?gw.limits.pong_timeout, "dropping a connection that answers no ping");
                     close_with!(close::TOO_SLOW, "no pong in time");
                 }
                 let reason = if session.is_some() { "token expired" } else { "no valid hello in time" };
