@@ -29,8 +29,15 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// Node options for bursts: the per-connection rate limit is not what failover tests are about.
+///
+/// Nor is the outbound queue: a closed-loop sender gets each of its own messages pushed back,
+/// about a thousand a second here, and the default queue holds about one second of that. While
+/// nodes are killed and restarted on two cores, a sender was once dropped as a slow reader.
 pub fn burst_options() -> NodeOptions {
-    NodeOptions::new().set("limits.requests_per_second", 100_000).set("limits.request_burst", 100_000)
+    NodeOptions::new()
+        .set("limits.requests_per_second", 100_000)
+        .set("limits.request_burst", 100_000)
+        .set("limits.outbound_queue", 16_384)
 }
 
 /// How long a sender waits for one reply before it retries the same `client_msg_id`.
@@ -180,6 +187,23 @@ impl Ledger {
     }
 
     /// How many attempts failed, by error code (`unavailable`, `timeout`, `closed`, ...).
+    /// The last `n` answered requests, oldest first, each as sender, `client_msg_id`, retry,
+    /// when it was answered (relative to `since`) and its outcome: what a stuck sender last saw.
+    pub fn last_answers(&self, n: usize, since: Instant) -> Vec<String> {
+        let attempts = lock(&self.attempts);
+        attempts[attempts.len().saturating_sub(n)..]
+            .iter()
+            .map(|a| {
+                let at = a.answered.saturating_duration_since(since).as_millis();
+                let outcome = match &a.outcome {
+                    Ok(sent) => format!("acked seq {}", sent.seq),
+                    Err(e) => format!("{e}"),
+                };
+                format!("{} {} retry {} at {at} ms: {outcome}", a.sender, a.cmid, a.retry)
+            })
+            .collect()
+    }
+
     pub fn errors(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for a in lock(&self.attempts).iter() {

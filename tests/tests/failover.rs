@@ -229,7 +229,16 @@ async fn failover_time_over_twenty_kills() {
         let base = ledger.ack_count();
         let flowing =
             wait_until(Duration::from_secs(10), || async { ledger.ack_count() >= base + ACKS_PER_ROUND }).await;
-        assert!(flowing, "round {round}: the sender through {} is not getting acks", cluster.node(*via).id());
+        if !flowing {
+            let (_, _, task, _) = running.as_ref().expect("a running sender");
+            panic!(
+                "round {round}: the sender through {} is not getting acks ({}); its last answers, in ms since the \
+                 test began:\n{}",
+                cluster.node(*via).id(),
+                if task.is_finished() { "it has ended" } else { "it is still sending" },
+                ledger.last_answers(10, test_began).join("\n")
+            );
+        }
 
         if !still_leads(&cluster, *via, &g, leader).await {
             repicks += 1;
