@@ -478,17 +478,29 @@ fn inbox_sync<R: Runtime>(key: EntityKey, caller: Caller, rt: R) -> Handling {
     }))
 }
 
+/// Whether the pushes of an applied command are this node's to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushes {
+    /// It was applied while this node led: it pushes what the command produced.
+    Send,
+    /// It was applied while another node led, which pushed it (this replica caught up and took
+    /// over before the apply became visible). Pushed again, it would reach clients twice and
+    /// after newer entries.
+    Skip,
+}
+
 /// Acts on what applying a command produced, on the leader. `state` is the state after it.
 pub fn on_applied<R: Runtime>(
     key: &EntityKey,
     state: Option<&EntityState>,
     appended: &[Entry],
     notices: &[Notice],
+    pushes: Pushes,
     rt: &R,
 ) {
     let (id, g) = match (key, state) {
         (EntityKey::Group(id), Some(EntityState::Group(g))) => (id, g),
-        (EntityKey::Ticket(_), _) => {
+        (EntityKey::Ticket(_), _) if pushes == Pushes::Send => {
             for n in notices {
                 if let Notice::Ticket(ev) = n {
                     rt.push(&ev.audience, &Event::Ticket(ev.clone()));
@@ -507,6 +519,9 @@ pub fn on_applied<R: Runtime>(
         }
         _ => return,
     };
+    if pushes == Pushes::Skip {
+        return;
+    }
     let mut audience: Vec<UserId> = g.member_ids().cloned().collect();
     // Someone removed still gets the entry that says so.
     for n in notices {

@@ -341,3 +341,54 @@ async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
     assert!(state.is_bootstrapped());
     assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), [1, 2, 3], "every join applied on the one before");
 }
+
+/// Records what the state machine hands on: each effect's appended seqs and whether its
+/// pushes are this node's to make.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(Vec<u64>, convoy_actors::behavior::Pushes)>>);
+
+impl convoy_node::shard::AppliedSink for Recorder {
+    fn applied(&self, effects: Vec<convoy_node::shard::AppliedEffects>) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.extend(effects.into_iter().map(|e| (e.appended.iter().map(|entry| entry.seq).collect(), e.pushes)));
+    }
+}
+
+/// A replica that catches up and is made leader at once can see applies of its follower days
+/// become visible after it began serving. Their leader of the time pushed them: pushed again,
+/// clients would get them twice, and after newer entries. Only what was applied since the
+/// node serves is its to push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_made_before_the_node_served_are_not_pushed_by_it() {
+    use convoy_actors::behavior::Pushes;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Staging too small for any batch: every apply batch goes through the writer's queue.
+    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
+    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
+    let group = RaftGroupId(3);
+    let data = Arc::new(ShardData::new(group, store.clone(), 1024));
+    let mut sm =
+        ShardStateMachine::open(group, store.clone(), data.clone(), dir.path().join("snapshots")).expect("open sm");
+    let mut requests = Requests::new();
+    requests.open_group(&mut sm, "g-1").await;
+    store.writer().barrier().await.expect("the group is written");
+
+    // Applied as a follower; visible only once the node serves.
+    store.writer().faults().set_stall(true);
+    requests.send(&mut sm, "g-1", "m-1").await;
+    let sink = Arc::new(Recorder::default());
+    data.set_sink(Some(sink.clone()));
+    requests.send(&mut sm, "g-1", "m-2").await;
+    assert!(sink.0.lock().unwrap().is_empty(), "an effect was handed on before its apply was visible");
+    store.writer().faults().set_stall(false);
+    store.writer().barrier().await.expect("applies written");
+
+    let seen = sink.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one effect per send: {seen:?}");
+    let (first, second) = (&seen[0], &seen[1]);
+    assert_eq!(first.1, Pushes::Skip, "the send applied before the node served: {seen:?}");
+    assert_eq!(second.1, Pushes::Send, "the send applied since: {seen:?}");
+    assert_eq!(first.0.len(), 1);
+    assert_eq!(second.0, vec![first.0[0] + 1], "in log order: {seen:?}");
+}

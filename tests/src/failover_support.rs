@@ -29,15 +29,8 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// Node options for bursts: the per-connection rate limit is not what failover tests are about.
-///
-/// Nor is the outbound queue: a closed-loop sender gets each of its own messages pushed back,
-/// about a thousand a second here, and the default queue holds about one second of that. While
-/// nodes are killed and restarted on two cores, a sender was once dropped as a slow reader.
 pub fn burst_options() -> NodeOptions {
-    NodeOptions::new()
-        .set("limits.requests_per_second", 100_000)
-        .set("limits.request_burst", 100_000)
-        .set("limits.outbound_queue", 16_384)
+    NodeOptions::new().set("limits.requests_per_second", 100_000).set("limits.request_burst", 100_000)
 }
 
 /// How long a sender waits for one reply before it retries the same `client_msg_id`.

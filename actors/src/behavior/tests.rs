@@ -83,7 +83,7 @@ impl Runtime for LocalRuntime {
     fn propose(&self, key: EntityKey, cmd: Command) -> ReplyFuture {
         let out = self.apply(&key, cmd);
         let state = self.state(&key);
-        on_applied(&key, state.as_ref(), &out.appended, &out.notices, self);
+        on_applied(&key, state.as_ref(), &out.appended, &out.notices, Pushes::Send, self);
         Box::pin(async move { out.reply })
     }
     fn request(&self, key: EntityKey, req: Request) -> ReplyFuture {
@@ -418,4 +418,22 @@ mod tickets {
         let listed: Vec<_> = q.summaries().map(|s| (s.ticket.to_string(), s.rating)).collect();
         assert_eq!(listed, [("t-1".to_string(), Some(4))], "the closed ticket is listed with its rating");
     }
+}
+
+#[tokio::test]
+async fn an_apply_whose_pushes_were_another_leaders_pushes_nothing_here() {
+    let rt = LocalRuntime::default();
+    rt.call(&person("disp", "dispatcher"), "group.open", OPEN).await.unwrap();
+    let send = r#"{"group":"exc-1","client_msg_id":"m-1","body":{"type":"text","text":"where is it"}}"#;
+    rt.call(&person("driver", "driver"), "msg.send", send).await.unwrap();
+    let key = EntityKey::Group(GroupId::parse("exc-1").unwrap());
+    let (state, sent, pushed) = {
+        let w = rt.world.lock().unwrap();
+        (w.states.get(&key).cloned(), w.logs[&key].last().cloned().unwrap(), w.pushes.len())
+    };
+
+    on_applied(&key, state.as_ref(), std::slice::from_ref(&sent), &[], Pushes::Skip, &rt);
+    assert_eq!(rt.world.lock().unwrap().pushes.len(), pushed, "pushed again what another leader pushed");
+    on_applied(&key, state.as_ref(), std::slice::from_ref(&sent), &[], Pushes::Send, &rt);
+    assert!(rt.world.lock().unwrap().pushes.len() > pushed, "this leader's apply pushes nothing");
 }

@@ -298,7 +298,8 @@ impl AppliedSink for EntityHost {
 }
 
 /// Hands applied effects to actors in log order, starting actors that are not active
-/// (entries committed by a previous leader still get pushed).
+/// (entries committed by a previous leader and applied here since this node leads still get
+/// pushed).
 async fn dispatch_effects(host: Weak<EntityHost>, mut rx: mpsc::Receiver<Vec<AppliedEffects>>) {
     while let Some(batch) = rx.recv().await {
         let Some(host) = host.upgrade() else { return };
@@ -359,7 +360,14 @@ impl Actor for EntityActor {
                     || tracing::info_span!(target: TRACE, "fanout", entity = %s.key, trace_id = tracing::field::Empty),
                 );
                 span.in_scope(|| {
-                    behavior::on_applied(&s.key, state.as_deref(), &effects.appended, &effects.notices, &s.runtime)
+                    behavior::on_applied(
+                        &s.key,
+                        state.as_deref(),
+                        &effects.appended,
+                        &effects.notices,
+                        effects.pushes,
+                        &s.runtime,
+                    )
                 });
             }
             EntityMsg::Crash { hang } => {

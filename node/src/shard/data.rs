@@ -216,6 +216,11 @@ impl ShardData {
         *self.sink.write() = sink;
     }
 
+    /// Whether applied effects go anywhere: the node serves the shard.
+    pub(super) fn has_sink(&self) -> bool {
+        self.sink.read().is_some()
+    }
+
     pub(super) fn deliver(&self, effects: Vec<AppliedEffects>) {
         if let Some(sink) = self.sink.read().as_ref() {
             sink.applied(effects);

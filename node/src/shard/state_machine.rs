@@ -16,6 +16,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use convoy_actors::behavior::Pushes;
 use convoy_actors::domain::{self, EntityState, LogIndex, Notice, Reply, TimerChange};
 use convoy_actors::group::Entry as LogEntry;
 use convoy_actors::{EntityKey, ErrorCode, Rejection, StorageFault, Timestamp};
@@ -78,6 +79,8 @@ pub struct AppliedEffects {
     pub key: EntityKey,
     pub appended: Vec<LogEntry>,
     pub notices: Vec<Notice>,
+    /// `Skip` when applied before this node served the shard, and visible only after.
+    pub pushes: Pushes,
     /// The apply span's context, so the pushes join the command's trace.
     pub traceparent: Option<String>,
 }
@@ -302,6 +305,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             return Err(io::Error::other(format!("{}: an earlier apply batch could not be written", self.group)));
         }
         let group = self.group;
+        // The effects reach the entities only if the node serves the shard once they are
+        // visible; applied before it did, their pushes were the leader's of the time.
+        let pushes = if self.data.has_sink() { Pushes::Send } else { Pushes::Skip };
         let mut batch = WriteBatch::new();
         let mut states: HashMap<EntityKey, Option<EntityState>> = HashMap::new();
         let mut changed: Vec<EntityKey> = Vec::new();
@@ -400,6 +406,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                             key: c.key,
                             appended: outcome.appended,
                             notices: outcome.notices,
+                            pushes,
                             traceparent,
                         });
                     }
