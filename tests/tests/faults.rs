@@ -416,3 +416,60 @@ async fn a_follower_whose_storage_stalls_or_fails_rejoins() {
         ledger.errors()
     );
 }
+
+/// A presence update that does not reach a peer, the session to it staying up (here: traffic
+/// with it dropped for the moment of a hello), is repaired by itself: pushes from that peer
+/// reach the user within seconds, without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_update_lost_between_nodes_is_repaired_without_a_reconnect() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(3, chaos_options());
+    settle_leaders(&cluster).await;
+    let g = unique("pres");
+    let (owner, reader) = (unique("own"), unique("rd"));
+    open_on(cluster.node(0), &owner, &g, std::slice::from_ref(&reader)).await;
+    let l = cluster.wait_for_leader(0, "group", &g, None, Duration::from_secs(10)).await.expect("a leader");
+    let a = (l + 1) % 3;
+    let (l_name, a_name) = (cluster.node(l).id().to_string(), cluster.node(a).id().to_string());
+
+    // The reader says hello to A while A drops its traffic with L: L misses that the reader
+    // is connected there.
+    chaos_post(cluster.node(a), &format!("/v1/chaos/peers/{l_name}/drop")).await;
+    let reading = connect(cluster.node(a), &reader, &["driver"]).await;
+    chaos_post(cluster.node(a), "/v1/chaos/peers/heal").await;
+    let mut events = reading.events().expect("the first call");
+    let healed_at = Instant::now();
+
+    // The owner sends through L, the group's leader, until a push reaches the reader on A.
+    let sending = connect(cluster.node(l), &owner, &["dispatcher"]).await;
+    let mut sent = 0;
+    let pushed = loop {
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(15),
+            "{sent} messages sent through {l_name} in 15 s after the heal, none pushed to the reader on {a_name}"
+        );
+        sent += 1;
+        let cmid = format!("m-{sent}");
+        until_available("a send through the leader", || sending.msg_send(&g, &cmid, text("anyone there?"), false))
+            .await;
+        let got = tokio::time::timeout(Duration::from_millis(250), async {
+            while let Some(event) = events.recv().await {
+                if event["ev"] == "msg" && event["group"] == g.as_str() {
+                    return Some(event);
+                }
+            }
+            None
+        })
+        .await;
+        if let Ok(Some(event)) = got {
+            break event;
+        }
+    };
+    let status = cluster.status(a).await;
+    assert_eq!(member_up(&status, &l_name), Some(true), "{a_name} still sees {l_name} up: {status}");
+    println!(
+        "a_presence_update_lost: the reader on {a_name} got seq {} from {l_name} {} ms after the heal ({sent} sends)",
+        pushed["seq"],
+        healed_at.elapsed().as_millis()
+    );
+}

@@ -16,7 +16,7 @@ use parking_lot::RwLock;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::transport::{PeerEvent, Transport};
-use super::wire::{Call, Cast, PresenceUpdate};
+use super::wire::{Call, CallReply, Cast, PresenceUpdate};
 use crate::entity::Pusher;
 use crate::gateway::hub::Hub;
 use crate::shard::NodeId;
@@ -26,6 +26,9 @@ use crate::telemetry::trace::{self, TARGET as TRACE};
 const BATCH: Duration = Duration::from_millis(5);
 /// How long a peer may take to apply presence changes.
 pub const ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often a peer that missed an update (its call failed or timed out, the session staying
+/// up) is sent the full list again, until it takes one.
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Presence {
     transport: Arc<Transport>,
@@ -64,18 +67,28 @@ impl Presence {
 
     async fn run(self: Arc<Self>) {
         let mut peers = self.transport.subscribe();
+        // Peers that may hold a stale list of our users: each gets the full list until one
+        // arrives. Without this a lost update would cost its pushes until the session reopened.
+        let mut stale: HashSet<NodeId> = HashSet::new();
+        let mut repair = tokio::time::interval(REPAIR_EVERY);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = peers.recv() => match event {
                     Ok(PeerEvent::Up(hello)) => {
-                        let full = PresenceUpdate::Full(self.hub.users());
-                        let transport = self.transport.clone();
-                        tokio::spawn(async move { let _ = transport.call(hello.node, &Call::Presence(full), ANNOUNCE_TIMEOUT).await; });
+                        stale.insert(hello.node);
+                        self.send_full(&mut stale).await;
                     }
-                    Ok(PeerEvent::Down(node)) => self.forget(node),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(PeerEvent::Down(node)) => {
+                        stale.remove(&node);
+                        self.forget(node);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        stale.extend(self.transport.peers().into_iter().map(|p| p.node));
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
+                _ = repair.tick(), if !stale.is_empty() => self.send_full(&mut stale).await,
                 _ = self.hub.changed() => {
                     tokio::time::sleep(BATCH).await;
                     let changes = self.hub.take_changes();
@@ -93,13 +106,44 @@ impl Presence {
                     };
                     // Every reachable peer applies it before the connections that caused it
                     // finish their hello: from then on, pushes from anywhere find them.
-                    let call = Call::Presence(update);
-                    let sends = self.transport.peers().into_iter().map(|p| self.transport.call(p.node, &call, ANNOUNCE_TIMEOUT));
-                    futures::future::join_all(sends).await;
+                    let targets: Vec<NodeId> =
+                        self.transport.peers().into_iter().map(|p| p.node).filter(|n| !stale.contains(n)).collect();
+                    for node in self.send(targets, update).await {
+                        tracing::debug!(peer = %format_args!("{node:x}"), "a presence update did not arrive; the full list follows");
+                        stale.insert(node);
+                    }
+                    // A stale peer gets the full list, which holds this change too.
+                    self.send_full(&mut stale).await;
                     self.hub.announced(through);
                 }
             }
         }
+    }
+
+    /// Sends the full list of our users to every `stale` peer that is up; those that take it
+    /// leave `stale`.
+    async fn send_full(&self, stale: &mut HashSet<NodeId>) {
+        stale.retain(|&n| self.transport.is_up(n));
+        if stale.is_empty() {
+            return;
+        }
+        let targets: Vec<NodeId> = stale.iter().copied().collect();
+        let missed = self.send(targets, PresenceUpdate::Full(self.hub.users())).await;
+        metrics::counter!("convoy_presence_repairs_failed_total").increment(missed.len() as u64);
+        stale.retain(|n| missed.contains(n));
+    }
+
+    /// Sends `update` to each of `targets` at once; those it did not reach.
+    async fn send(&self, targets: Vec<NodeId>, update: PresenceUpdate) -> Vec<NodeId> {
+        let call = Call::Presence(update);
+        let sends = targets.iter().map(|&node| self.transport.call(node, &call, ANNOUNCE_TIMEOUT));
+        let answers = futures::future::join_all(sends).await;
+        targets
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, answer)| !matches!(answer, Ok(CallReply::Done)))
+            .map(|(n, _)| n)
+            .collect()
     }
 }
 
