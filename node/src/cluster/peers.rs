@@ -66,7 +66,9 @@ pub fn spawn(
         let my_addr = transport.hello().addr.cluster_addr;
         let (internal_tx, mut internal) = mpsc::unbounded_channel::<Internal>();
         let mut slots: HashMap<String, Slot> = HashMap::new();
-        let mut pending: HashMap<ActorId, (NodeServerSessionInformation, Instant)> = HashMap::new();
+        // Sessions not greeted yet: when they opened, and whether the transport authenticated
+        // them (the cookie matched) and our greeting is under way.
+        let mut pending: HashMap<ActorId, (NodeServerSessionInformation, Instant, bool)> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         let mut beat = tokio::time::interval(settings.heartbeat);
         loop {
@@ -74,9 +76,12 @@ pub fn spawn(
                 event = sessions.recv() => match event {
                     None => return,
                     Some(SessionEvent::Opened(s)) => {
-                        pending.insert(s.actor.get_id(), (s, Instant::now()));
+                        pending.insert(s.actor.get_id(), (s, Instant::now(), false));
                     }
                     Some(SessionEvent::Ready(s)) => {
+                        if let Some((_, _, authenticated)) = pending.get_mut(&s.actor.get_id()) {
+                            *authenticated = true;
+                        }
                         let (t, tx) = (transport.clone(), internal_tx.clone());
                         tokio::spawn(async move {
                             let result = t.greet(&s, HANDSHAKE_TIMEOUT).await;
@@ -92,17 +97,27 @@ pub fn spawn(
                         let duplicate = peer.is_some_and(|n| transport.is_up(n));
                         // A peer whose traffic is dropped on purpose is refused by our greeting.
                         let dropped = peer.is_some_and(|n| transport.faults().is_dropped(n));
-                        if pending.remove(&s.actor.get_id()).is_some() && !duplicate && !dropped {
-                            // Closed before it was greeted, and not a second session to a
-                            // peer we already have: most often a cookie mismatch.
-                            metrics::counter!("convoy_peer_handshakes_refused_total").increment(1);
-                            tracing::warn!(
+                        match pending.remove(&s.actor.get_id()) {
+                            // Not a second session to a peer we already have.
+                            _ if duplicate || dropped => {}
+                            Some((_, _, false)) => {
+                                // Closed before it was authenticated: most often a cookie mismatch.
+                                metrics::counter!("convoy_peer_handshakes_refused_total").increment(1);
+                                tracing::warn!(
+                                    peer = %s.peer_addr,
+                                    name = ?s.peer_name.as_ref().map(|n| n.name.clone()),
+                                    "a node-to-node session closed before it was authenticated: this node and the peer \
+                                     have different cluster.cookie values, or one uses TLS and the other does not; \
+                                     check that every node has the same cluster.cookie and the same TLS settings"
+                                );
+                            }
+                            Some((_, _, true)) => tracing::warn!(
                                 peer = %s.peer_addr,
                                 name = ?s.peer_name.as_ref().map(|n| n.name.clone()),
-                                "a node-to-node session closed before it was authenticated: this node and the peer \
-                                 have different cluster.cookie values, or one uses TLS and the other does not; \
-                                 check that every node has the same cluster.cookie and the same TLS settings"
-                            );
+                                "a node-to-node session closed while its greeting was under way (the cookie \
+                                 matched): the peer restarted or stalled; it is dialed again"
+                            ),
+                            None => {}
                         }
                         transport.session_closed(&s);
                     }
@@ -132,7 +147,7 @@ pub fn spawn(
                 },
                 _ = tick.tick() => {
                     // Handshakes that never finished.
-                    pending.retain(|_, (s, opened)| {
+                    pending.retain(|_, (s, opened, _)| {
                         let stuck = opened.elapsed() > HANDSHAKE_TIMEOUT;
                         if stuck {
                             s.actor.stop(Some("handshake timed out".into()));
