@@ -85,7 +85,19 @@ struct Opened {
 }
 
 async fn open_state_machine(dir: &std::path::Path, group: RaftGroupId) -> Opened {
-    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+    open_state_machine_with(
+        dir,
+        group,
+        WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 },
+    )
+    .await
+}
+
+/// Staging too small for any batch: every apply batch goes through the writer's queue, and
+/// becomes visible only when the writer takes it.
+const NO_STAGING: WriterLimits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
+
+async fn open_state_machine_with(dir: &std::path::Path, group: RaftGroupId, limits: WriterLimits) -> Opened {
     let (store, writer) = open_store(dir, limits).await;
     let data = Arc::new(ShardData::new(group, store.clone(), 1024));
     let sm = ShardStateMachine::open(group, store.clone(), data.clone(), dir.join("snapshots")).expect("open sm");
@@ -308,13 +320,7 @@ async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
     use openraft::testing::log_id;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    // Staging too small for any batch: every apply batch goes through the writer's queue.
-    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
-    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
-    let group = RaftGroupId::META;
-    let data = Arc::new(ShardData::new(group, store.clone(), 1024));
-    let mut sm =
-        ShardStateMachine::open(group, store.clone(), data.clone(), dir.path().join("snapshots")).expect("open sm");
+    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId::META, NO_STAGING).await;
     let addr = |name: &str| NodeAddr {
         name: name.into(),
         cluster_addr: format!("{name}:1"),
@@ -363,13 +369,7 @@ async fn applies_made_before_the_node_served_are_not_pushed_by_it() {
     use convoy_actors::behavior::Pushes;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    // Staging too small for any batch: every apply batch goes through the writer's queue.
-    let limits = WriterLimits { queue_depth: 64, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
-    let (store, _writer) = Store::open(dir.path(), 16 << 20, limits).expect("open store");
-    let group = RaftGroupId(3);
-    let data = Arc::new(ShardData::new(group, store.clone(), 1024));
-    let mut sm =
-        ShardStateMachine::open(group, store.clone(), data.clone(), dir.path().join("snapshots")).expect("open sm");
+    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
     let mut requests = Requests::new();
     requests.open_group(&mut sm, "g-1").await;
     store.writer().barrier().await.expect("the group is written");

@@ -179,7 +179,6 @@ impl Ledger {
             .collect()
     }
 
-    /// How many attempts failed, by error code (`unavailable`, `timeout`, `closed`, ...).
     /// The last `n` answered requests, oldest first, each as sender, `client_msg_id`, retry,
     /// when it was answered (relative to `since`) and its outcome: what a stuck sender last saw.
     pub fn last_answers(&self, n: usize, since: Instant) -> Vec<String> {
@@ -197,6 +196,7 @@ impl Ledger {
             .collect()
     }
 
+    /// How many attempts failed, by error code (`unavailable`, `timeout`, `closed`, ...).
     pub fn errors(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for a in lock(&self.attempts).iter() {
