@@ -3,7 +3,8 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use convoy_chaos::load::{self, LoadArgs, LoadConfig};
+use convoy_chaos::load::peer::{self, PeerArgs, PeerConfig};
+use convoy_chaos::load::{self, LoadArgs, LoadConfig, LoadError, LoadReport};
 use convoy_chaos::run::cluster::LaunchOptions;
 use convoy_chaos::run::scenario::Scenario;
 use convoy_chaos::run::{self, RunOptions};
@@ -15,6 +16,9 @@ Examples:
 
   # Same secret from the environment, 1000 connections, 4 sends in flight each, JSON results
   CONVOY_AUTH_SECRET=dev-secret convoy-chaos load -c 1000 -g 250 --inflight 4 --json out.json
+
+  # The same closed loop against NATS JetStream (the throughput targets' peer), side by side
+  convoy-chaos peer --nats nats://127.0.0.1:4222 --duration 15s
 
   # Memory per idle connection of a node
   convoy-chaos load --secret dev-secret --idle -c 10000 --server-pid $NODE_PID
@@ -51,6 +55,14 @@ enum Command {
     /// messages per second in total). Prints a live line every second and a summary table at
     /// the end.
     Load(LoadArgs),
+    /// Drive NATS JetStream, the peer the throughput targets are set against, with the closed
+    /// loop of `load`, for a side-by-side figure
+    ///
+    /// Opens --connections connections to the --nats servers, creates a file-backed stream with
+    /// --replicas replicas, and has each connection publish to one of --groups subjects with
+    /// one publish in flight, waiting for the stream's ack. Prints the same live line and
+    /// summary as `load`.
+    Peer(PeerArgs),
     /// Launch a local cluster of `convoy` processes and leave it running
     ///
     /// Writes a configuration per node into --dir, starts the nodes (each in its own network
@@ -157,6 +169,7 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Load(args) => run_load(args),
+        Command::Peer(args) => run_peer(args),
         Command::Up(args) => block_on(up(args)),
         Command::Down(args) => block_on(async move { run::down(&args.dir).await.map(|()| ExitCode::SUCCESS) }),
         Command::Run(args) => block_on(run_scenario(args)),
@@ -277,6 +290,23 @@ fn run_load(args: LoadArgs) -> ExitCode {
         Err(message) => usage_error("load", message),
     };
     let json_path = cfg.json.clone();
+    report_run(json_path, load::run(cfg))
+}
+
+fn run_peer(args: PeerArgs) -> ExitCode {
+    let cfg = match PeerConfig::from_args(args) {
+        Ok(cfg) => cfg,
+        Err(message) => usage_error("peer", message),
+    };
+    let json_path = cfg.json.clone();
+    report_run(json_path, peer::run(cfg))
+}
+
+/// Runs a load run to its end, then prints its table and writes its JSON.
+fn report_run(
+    json_path: Option<PathBuf>,
+    run: impl std::future::Future<Output = Result<LoadReport, LoadError>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -284,7 +314,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(load::run(cfg));
+    let result = runtime.block_on(run);
     // In-flight sends and connection tasks are not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     let report = match result {

@@ -1,6 +1,7 @@
 //! Load generation against running nodes: many connections, groups, closed- or open-loop
 //! senders, and a measurement of ack latency, push latency, throughput and server memory.
 
+pub mod peer;
 pub mod report;
 pub mod stats;
 
@@ -545,7 +546,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport, LoadError> {
     }
 
     // Warm-up, measurement, live line.
-    let measured = drive(&cfg, &stats, &clients, &ui).await;
+    let measured = drive(cfg.warmup, cfg.duration, &stats, &ui, cfg.idle.then_some(&clients[..])).await;
     stats.set_phase(PHASE_DONE);
     let _ = stop_tx.send(true);
 
@@ -734,11 +735,18 @@ async fn consume_events(mut events: mpsc::Receiver<Value>, stats: Arc<Stats>) {
 
 /// Runs the warm-up and the measurement window, printing a live line every second. Returns
 /// the length of the measurement window actually run (shorter if interrupted with Ctrl-C).
-async fn drive(cfg: &LoadConfig, stats: &Stats, clients: &[Option<Client>], ui: &Ui) -> Duration {
-    let warmup = if cfg.idle { Duration::ZERO } else { cfg.warmup };
+/// `idle` holds the connections of an idle run (no warm-up; the live line counts the open ones).
+async fn drive(
+    warmup: Duration,
+    duration: Duration,
+    stats: &Stats,
+    ui: &Ui,
+    idle: Option<&[Option<Client>]>,
+) -> Duration {
+    let warmup = if idle.is_some() { Duration::ZERO } else { warmup };
     let start = tokio::time::Instant::now();
     let measure_start = start + warmup;
-    let end = measure_start + cfg.duration;
+    let end = measure_start + duration;
     let mut measure_started: Option<tokio::time::Instant> = None;
     if warmup.is_zero() {
         stats.set_phase(PHASE_MEASURE);
@@ -770,9 +778,9 @@ async fn drive(cfg: &LoadConfig, stats: &Stats, clients: &[Option<Client>], ui: 
                 let secs = now.duration_since(last_at).as_secs_f64().max(1e-3);
                 let phase = match measure_started {
                     None => format!("warm-up {:>3}s", now.duration_since(start).as_secs()),
-                    Some(at) => format!("{:>4}s/{}s", now.duration_since(at).as_secs(), cfg.duration.as_secs()),
+                    Some(at) => format!("{:>4}s/{}s", now.duration_since(at).as_secs(), duration.as_secs()),
                 };
-                let line = if cfg.idle {
+                let line = if let Some(clients) = idle {
                     let open = clients.iter().flatten().filter(|c| !c.is_closed()).count();
                     format!("[{phase}] idle, {open} connections open")
                 } else {
