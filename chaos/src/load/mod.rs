@@ -110,17 +110,8 @@ pub struct LoadArgs {
     #[arg(long, short = 'r', value_name = "R", conflicts_with = "idle")]
     pub rate: Option<f64>,
 
-    /// Length of the measurement window (e.g. 30s, 5m)
-    #[arg(long, short = 'd', default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub duration: Duration,
-
-    /// Load applied before the measurement window, not counted
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub warmup: Duration,
-
-    /// Length of each message's text
-    #[arg(long, default_value_t = 100, value_name = "BYTES")]
-    pub body_bytes: usize,
+    #[command(flatten)]
+    pub window: Window,
 
     /// Send messages with require_receipt: true
     #[arg(long, conflicts_with = "idle")]
@@ -158,6 +149,23 @@ pub struct LoadArgs {
     /// No progress bars or live line
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// How long a run measures, after how much warm-up, with what size of message; the same for
+/// `load` and `peer`, so their figures compare.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Window {
+    /// Length of the measurement window (e.g. 30s, 5m)
+    #[arg(long, short = 'd', default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+
+    /// Load applied before the measurement window, not counted
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub warmup: Duration,
+
+    /// Length of each message's text
+    #[arg(long, default_value_t = 100, value_name = "BYTES")]
+    pub body_bytes: usize,
 }
 
 /// A validated load run.
@@ -246,7 +254,7 @@ impl LoadConfig {
         {
             return Err(format!("--rate must be a positive number of messages per second, got {rate}"));
         }
-        if args.duration.is_zero() {
+        if args.window.duration.is_zero() {
             return Err("--duration must be longer than 0".into());
         }
         if args.request_timeout.is_zero() {
@@ -268,9 +276,9 @@ impl LoadConfig {
             senders: if args.idle { 0 } else { senders },
             inflight: args.inflight,
             rate: args.rate,
-            duration: args.duration,
-            warmup: args.warmup,
-            body_bytes: args.body_bytes,
+            duration: args.window.duration,
+            warmup: args.window.warmup,
+            body_bytes: args.window.body_bytes,
             require_receipt: args.require_receipt,
             idle: args.idle,
             server_pids: args.server_pids,

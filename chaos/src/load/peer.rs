@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use super::report::LoadReport;
 use super::stats::{self, PHASE_DONE, Stats};
-use super::{DRAIN_TIME, LoadError, Ui, drive, random_run_id, valid_id_chars};
+use super::{DRAIN_TIME, LoadError, Ui, Window, drive, random_run_id, valid_id_chars};
 
 /// How long the peer may take to elect the leaders it needs to create the stream.
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,17 +58,8 @@ pub struct PeerArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "R")]
     pub replicas: u8,
 
-    /// Length of the measurement window (e.g. 30s, 5m)
-    #[arg(long, short = 'd', default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub duration: Duration,
-
-    /// Load applied before the measurement window, not counted
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub warmup: Duration,
-
-    /// Length of each message's text (the body is the JSON `load` sends)
-    #[arg(long, default_value_t = 100, value_name = "BYTES")]
-    pub body_bytes: usize,
+    #[command(flatten)]
+    pub window: Window,
 
     /// Also write the results to FILE as JSON
     #[arg(long, value_name = "FILE")]
@@ -110,7 +101,7 @@ impl PeerConfig {
         if args.connections == 0 || args.groups == 0 {
             return Err("--connections and --groups must be at least 1".into());
         }
-        if args.duration.is_zero() {
+        if args.window.duration.is_zero() {
             return Err("--duration must be longer than 0".into());
         }
         let run_id = args.run_id.unwrap_or_else(random_run_id);
@@ -123,9 +114,9 @@ impl PeerConfig {
             connections: args.connections,
             groups: args.groups,
             replicas: args.replicas,
-            duration: args.duration,
-            warmup: args.warmup,
-            body_bytes: args.body_bytes,
+            duration: args.window.duration,
+            warmup: args.window.warmup,
+            body_bytes: args.window.body_bytes,
             json: args.json,
             run_id,
             progress: !args.quiet,
