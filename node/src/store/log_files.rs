@@ -13,6 +13,11 @@
 //! vote, the committed and purged log ids) is rebuilt in memory by reading the frame
 //! headers at start-up.
 //!
+//! Files are zeroed ahead of their last frame ([`ZEROED_AHEAD`] bytes at a time, in the same
+//! `write` as the frames that need it): an `fdatasync` that must also store a longer file
+//! size writes the inode as well, and waits for that second write. A frame never begins with
+//! a zero byte (its length is not zero), so the frames end where the zeros begin.
+//!
 //! A file is deleted once no group needs anything in it: every entry it holds is purged or
 //! overwritten, and newer files repeat each group's vote and log ids (every file starts with
 //! them). Entries a group still needs from the oldest file are moved to the newest, unchanged,
@@ -20,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +39,9 @@ use crate::shard::{Entry, LogId, RaftGroupId, Vote};
 
 /// A file is closed and a new one begun once it is this long.
 const FILE_BYTES: u64 = 64 << 20;
+/// Zeros written past the last frame whenever the frames come closer to the file's end than
+/// this, so most syncs leave the file's size as it was.
+const ZEROED_AHEAD: u64 = 1 << 20;
 /// Files kept before the entries still needed from the oldest are moved to the newest.
 pub const MAX_FILES: usize = 4;
 /// Bytes of a frame before its header: length, CRC, header length.
@@ -244,12 +252,14 @@ impl LogFiles {
         let mut index = Index::default();
         let mut readers = BTreeMap::new();
         let mut end = 0;
+        let mut length = 0;
         for (i, &number) in numbers.iter().enumerate() {
             let path = dir.join(file_name(number));
             let newest = i + 1 == numbers.len();
             let bytes = std::fs::read(&path).map_err(|e| io_error(format!("reading {}", path.display()), e))?;
             let whole = replay(&bytes, number, &mut index);
-            if whole < bytes.len() as u64 {
+            let zero_tail = bytes[whole as usize..].iter().all(|&b| b == 0);
+            if !zero_tail {
                 if !newest {
                     return Err(StoreError::Corrupt {
                         what: "raft log file",
@@ -266,6 +276,7 @@ impl LogFiles {
                 file.set_len(whole).and_then(|()| file.sync_all()).map_err(|e| io_error(path.display(), e))?;
             }
             end = whole;
+            length = if zero_tail { bytes.len() as u64 } else { whole };
             readers.insert(number, Arc::new(File::open(&path).map_err(|e| io_error(path.display(), e))?));
         }
         let files =
@@ -273,8 +284,8 @@ impl LogFiles {
         let appender = match numbers.last() {
             Some(&number) => {
                 let path = dir.join(file_name(number));
-                let file = OpenOptions::new().append(true).open(&path).map_err(|e| io_error(path.display(), e))?;
-                LogAppender::new(files.clone(), file, number, end)
+                let file = OpenOptions::new().write(true).open(&path).map_err(|e| io_error(path.display(), e))?;
+                LogAppender::new(files.clone(), file, number, end, length)
             }
             None => LogAppender::create(files.clone(), 1)?,
         };
@@ -398,8 +409,12 @@ pub struct LogAppender {
     files: Arc<LogFiles>,
     file: File,
     number: u64,
-    /// Bytes in the current file.
+    /// Where the current file's frames end.
     end: u64,
+    /// The current file's length: its frames, then zeros.
+    length: u64,
+    /// Zeros written past the frames when they come this close to `length`.
+    zeroed_ahead: u64,
     /// A file this long is closed and the next begun.
     file_bytes: u64,
     /// A failed write could not be undone: nothing more may be appended after it.
@@ -412,12 +427,15 @@ pub struct LogAppender {
 }
 
 impl LogAppender {
-    fn new(files: Arc<LogFiles>, file: File, number: u64, end: u64) -> LogAppender {
+    fn new(files: Arc<LogFiles>, file: File, number: u64, end: u64, length: u64) -> LogAppender {
+        assert!(end <= length, "a file's frames end within it");
         LogAppender {
             files,
             file,
             number,
             end,
+            length,
+            zeroed_ahead: ZEROED_AHEAD,
             file_bytes: FILE_BYTES,
             broken: false,
             unsynced: false,
@@ -430,11 +448,11 @@ impl LogAppender {
     fn create(files: Arc<LogFiles>, number: u64) -> Result<LogAppender, StoreError> {
         let path = files.dir.join(file_name(number));
         let file =
-            OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| io_error(path.display(), e))?;
+            OpenOptions::new().create_new(true).write(true).open(&path).map_err(|e| io_error(path.display(), e))?;
         File::open(&files.dir).and_then(|d| d.sync_all()).map_err(|e| io_error(files.dir.display(), e))?;
         let reader = File::open(&path).map_err(|e| io_error(path.display(), e))?;
         files.readers.write().insert(number, Arc::new(reader));
-        Ok(LogAppender::new(files, file, number, 0))
+        Ok(LogAppender::new(files, file, number, 0, 0))
     }
 
     /// Queues a record; [`LogAppender::write`] writes what is queued.
@@ -451,11 +469,19 @@ impl LogAppender {
         }
         let records = std::mem::take(&mut self.pending_records);
         let bytes = self.pending.len();
+        let frames_end = self.end + bytes as u64;
+        if frames_end + self.zeroed_ahead / 2 > self.length {
+            // The zeros go in the same write as the frames; the sync that follows stores the
+            // new size once for the next `zeroed_ahead` bytes of frames.
+            let zeros = (frames_end + self.zeroed_ahead).max(self.length) - frames_end;
+            self.pending.resize(bytes + zeros as usize, 0);
+        }
         let written = if self.broken {
             Err(io::Error::other("an earlier write could not be undone"))
         } else {
-            self.file.write_all(&self.pending)
+            self.file.write_all_at(&self.pending, self.end)
         };
+        let written_to = self.end + self.pending.len() as u64;
         self.pending.clear();
         if let Err(e) = written {
             // Part of it may have reached the file: cut it off, so nothing is appended after a
@@ -463,8 +489,10 @@ impl LogAppender {
             if !self.broken && self.file.set_len(self.end).is_err() {
                 self.broken = true;
             }
+            self.length = self.end;
             return Err(io_error(format!("appending to {}", file_name(self.number)), e));
         }
+        self.length = self.length.max(written_to);
         let mut index = self.files.index.lock();
         for (record, at, len) in &records {
             index.take(record, self.number, self.end + *at as u64, *len as u32);
@@ -492,7 +520,7 @@ impl LogAppender {
     fn rotate(&mut self) -> Result<(), StoreError> {
         self.file.sync_data().map_err(|e| io_error(format!("syncing {}", file_name(self.number)), e))?;
         let next = LogAppender::create(self.files.clone(), self.number + 1)?;
-        *self = LogAppender { file_bytes: self.file_bytes, ..next };
+        *self = LogAppender { file_bytes: self.file_bytes, zeroed_ahead: self.zeroed_ahead, ..next };
         let groups: Vec<(RaftGroupId, GroupLog)> =
             self.files.index.lock().groups.iter().map(|(id, g)| (*id, g.clone())).collect();
         for (group, g) in groups {
@@ -592,6 +620,7 @@ mod tests {
 
     fn small(mut appender: LogAppender) -> LogAppender {
         appender.file_bytes = 4 << 10;
+        appender.zeroed_ahead = 1 << 10;
         appender
     }
 
@@ -610,7 +639,7 @@ mod tests {
             // A crash in the middle of the next write: half a frame at the end of the file.
             let mut torn = Vec::new();
             frame(&Record::Truncate { group: A, after: None }, &[], &mut torn);
-            appender.file.write_all(&torn[..torn.len() / 2]).unwrap();
+            appender.file.write_all_at(&torn[..torn.len() / 2], appender.end).unwrap();
         }
         let (files, mut appender) = LogFiles::open(dir.path()).unwrap();
         assert_eq!(indexes(&files, A), (21..=100).collect::<Vec<_>>(), "the torn truncate took no effect");
@@ -623,6 +652,35 @@ mod tests {
         drop((files, appender));
         let (files, _) = LogFiles::open(dir.path()).unwrap();
         assert_eq!(indexes(&files, A), (21..=105).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_file_is_zeroed_ahead_so_syncs_keep_its_size_and_appends_go_on_after_the_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1));
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let frames_end;
+        {
+            let (_, mut appender) = LogFiles::open(dir.path()).unwrap();
+            append(&mut appender, A, 1, 1..=1);
+            let zeroed = size();
+            assert!(zeroed >= appender.end + ZEROED_AHEAD, "{zeroed} bytes for frames ending at {}", appender.end);
+            for i in 2..=50 {
+                append(&mut appender, A, 1, i..=i);
+            }
+            assert_eq!(size(), zeroed, "fifty small appends fit in the zeros written ahead");
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes[appender.end as usize..].iter().all(|&b| b == 0));
+            frames_end = appender.end;
+        }
+        let (files, mut appender) = LogFiles::open(dir.path()).unwrap();
+        assert_eq!(appender.end, frames_end, "the frames end where the zeros begin");
+        assert_eq!(indexes(&files, A), (1..=50).collect::<Vec<_>>());
+        append(&mut appender, A, 1, 51..=60);
+        drop((files, appender));
+        let (files, appender) = LogFiles::open(dir.path()).unwrap();
+        assert_eq!(indexes(&files, A), (1..=60).collect::<Vec<_>>(), "appends after a reopen follow the frames");
+        assert!(appender.end > frames_end);
     }
 
     #[test]
