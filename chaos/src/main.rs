@@ -167,6 +167,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // wss:// uses aws-lc-rs whatever else the build enables (see the node's main).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Load(args) => run_load(args),
         Command::Peer(args) => run_peer(args),

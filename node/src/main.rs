@@ -14,6 +14,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // TLS uses aws-lc-rs whatever else the build enables: rustls picks no default provider
+    // when two are compiled in, and would panic at the first handshake.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
     let result = runtime.block_on(run(cli));
     // A node that gave up on a stuck storage leaves tasks waiting on it: do not wait for them.
