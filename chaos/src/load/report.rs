@@ -50,6 +50,9 @@ pub struct LoadReport {
     pub acked_per_s: f64,
     pub ack_latency_ms: LatencySummary,
     pub push_latency_ms: LatencySummary,
+    /// Open loop: how late sends left after they were due, the generator's share of the ack
+    /// latency (empty in a closed loop).
+    pub send_lateness_ms: LatencySummary,
     pub deliveries: u64,
     pub deliveries_per_s: f64,
     /// `msg` events whose body carried no send time (not sent by this run).
@@ -137,6 +140,9 @@ impl LoadReport {
             rows.push(("acked msgs/s".into(), format!("{:.1}", self.acked_per_s)));
             rows.push(("ack ms p50 / p99 / p99.9 / max".into(), latency_line(&self.ack_latency_ms, true)));
             rows.push(("push ms p50 / p99 / p99.9".into(), latency_line(&self.push_latency_ms, false)));
+            if self.rate.is_some() {
+                rows.push(("sends late ms p50 / p99 / p99.9 / max".into(), latency_line(&self.send_lateness_ms, true)));
+            }
             rows.push(("deliveries".into(), self.deliveries.to_string()));
             rows.push(("deliveries/s".into(), format!("{:.1}", self.deliveries_per_s)));
             rows.push(("errors".into(), counts(&self.errors)));

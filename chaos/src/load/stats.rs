@@ -114,6 +114,10 @@ pub struct Stats {
     // Warm-up and measurement window; reset when measurement starts.
     ack_hist: Mutex<Histogram<u64>>,
     push_hist: Mutex<Histogram<u64>>,
+    // Open loop: how late each send left after it was due (the generator's own delay).
+    late_hist: Mutex<Histogram<u64>>,
+    // Acks since the live line last looked, so a stall shows in the second it happened.
+    recent_ack_hist: Mutex<Histogram<u64>>,
 }
 
 /// Counter values at one moment, for the live line.
@@ -137,6 +141,7 @@ pub struct Totals {
     pub errors: BTreeMap<String, u64>,
     pub ack_latency: LatencySummary,
     pub push_latency: LatencySummary,
+    pub send_lateness: LatencySummary,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +171,8 @@ impl Stats {
             errors: Mutex::new(BTreeMap::new()),
             ack_hist: Mutex::new(latency_histogram()),
             push_hist: Mutex::new(latency_histogram()),
+            late_hist: Mutex::new(latency_histogram()),
+            recent_ack_hist: Mutex::new(latency_histogram()),
         }
     }
 
@@ -179,9 +186,11 @@ impl Stats {
     pub fn set_phase(&self, phase: u8) {
         let mut acks = lock(&self.ack_hist);
         let mut pushes = lock(&self.push_hist);
+        let mut late = lock(&self.late_hist);
         if phase == PHASE_MEASURE {
             acks.reset();
             pushes.reset();
+            late.reset();
         }
         self.phase.store(phase, Ordering::SeqCst);
     }
@@ -204,6 +213,7 @@ impl Stats {
         }
         self.live_acked.fetch_add(1, Ordering::Relaxed);
         record_latency(&mut hist, latency);
+        record_latency(&mut lock(&self.recent_ack_hist), latency);
         if self.measuring() {
             self.acked.fetch_add(1, Ordering::Relaxed);
         }
@@ -224,6 +234,15 @@ impl Stats {
             if latency.is_none() {
                 self.unparsed_deliveries.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// An open-loop send left `late` after it was due: time the load generator itself added
+    /// to its ack latency (a generator short of CPU shows here, not as a slow server).
+    pub fn record_send_lateness(&self, late: Duration) {
+        let mut hist = lock(&self.late_hist);
+        if self.measuring() {
+            record_latency(&mut hist, late);
         }
     }
 
@@ -283,6 +302,14 @@ impl Stats {
         (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0)
     }
 
+    /// p99 ack latency of the acks since the last call, in ms; starts the next interval.
+    pub fn take_recent_ack_p99_ms(&self) -> Option<f64> {
+        let mut hist = lock(&self.recent_ack_hist);
+        let p99 = (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0);
+        hist.reset();
+        p99
+    }
+
     pub fn totals(&self) -> Totals {
         Totals {
             acked: self.acked.load(Ordering::Relaxed),
@@ -295,6 +322,7 @@ impl Stats {
             errors: lock(&self.errors).clone(),
             ack_latency: LatencySummary::from_histogram(&lock(&self.ack_hist)),
             push_latency: LatencySummary::from_histogram(&lock(&self.push_hist)),
+            send_lateness: LatencySummary::from_histogram(&lock(&self.late_hist)),
         }
     }
 }
@@ -394,11 +422,14 @@ mod tests {
         stats.record_timeout();
         assert_eq!(stats.live(), LiveCounters { acked: 1, deliveries: 1, errors: 2 });
         assert_eq!(stats.live_ack_p99_ms().map(|p| p.round()), Some(900.0));
+        assert_eq!(stats.take_recent_ack_p99_ms().map(|p| p.round()), Some(900.0));
+        assert_eq!(stats.take_recent_ack_p99_ms(), None, "each interval starts empty");
 
         stats.set_phase(PHASE_MEASURE);
         assert_eq!(stats.live_ack_p99_ms(), None);
         stats.record_ack(Duration::from_millis(2));
         stats.record_ack(Duration::from_millis(4));
+        stats.record_send_lateness(Duration::from_millis(7));
         stats.record_delivery(Some(Duration::from_millis(3)));
         stats.record_delivery(None);
         stats.record_error("rate_limited");
@@ -420,6 +451,8 @@ mod tests {
         assert_eq!(t.ack_latency.count, 2);
         assert!(close(t.ack_latency.max_ms, 4.0));
         assert_eq!(t.push_latency.count, 1);
+        assert_eq!(t.send_lateness.count, 1);
+        assert!(close(t.send_lateness.max_ms, 7.0));
         assert_eq!(stats.live(), LiveCounters { acked: 3, deliveries: 3, errors: 5 });
     }
 }
