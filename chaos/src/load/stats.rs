@@ -144,6 +144,11 @@ pub struct Totals {
     pub send_lateness: LatencySummary,
 }
 
+/// The p99 of a histogram of microsecond values, in ms; `None` when it is empty.
+fn p99_ms(hist: &Histogram<u64>) -> Option<f64> {
+    (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -298,14 +303,13 @@ impl Stats {
 
     /// p99 ack latency so far (warm-up or measurement window), in ms.
     pub fn live_ack_p99_ms(&self) -> Option<f64> {
-        let hist = lock(&self.ack_hist);
-        (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0)
+        p99_ms(&lock(&self.ack_hist))
     }
 
     /// p99 ack latency of the acks since the last call, in ms; starts the next interval.
     pub fn take_recent_ack_p99_ms(&self) -> Option<f64> {
         let mut hist = lock(&self.recent_ack_hist);
-        let p99 = (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0);
+        let p99 = p99_ms(&hist);
         hist.reset();
         p99
     }
