@@ -9,6 +9,7 @@ mod data;
 mod idempotency;
 pub mod network;
 mod state_machine;
+mod timer_grid;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +23,7 @@ use convoy_actors::{EntityKey, ErrorCode, Rejection, Timestamp};
 pub use data::ShardData;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::vote::RaftLeaderId;
 use openraft::{ChangeMembers, Config, ReadPolicy, ServerState};
 pub use state_machine::{AppliedEffects, AppliedSink, ShardStateMachine};
 use tokio::sync::watch;
@@ -49,6 +51,7 @@ pub struct RaftSettings {
 
 impl RaftSettings {
     fn openraft_config(&self, group: RaftGroupId) -> Result<Arc<Config>, ShardError> {
+        timer_grid::set_spacing_for_heartbeat(self.heartbeat);
         let config = Config {
             cluster_name: format!("convoy-{group}"),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
@@ -399,12 +402,15 @@ async fn watch_leadership(
     entities: Arc<EntityHost>,
     tx: watch::Sender<Leadership>,
 ) {
-    let mut metrics = raft.metrics();
+    // Server metrics change with state, vote, leader and membership only; the full metrics
+    // also change with every heartbeat a leader hears back, which would wake this task for
+    // nothing several times per heartbeat interval.
+    let mut metrics = raft.server_metrics();
     let mut timers: Option<JoinHandle<()>> = None;
     loop {
         let (state, term, leader) = {
             let m = metrics.borrow_and_update();
-            (m.state, m.current_term, m.current_leader)
+            (m.state, m.vote.leader_id().term(), m.current_leader)
         };
         let leading = state == ServerState::Leader && leader == Some(node);
         let was_leading_term = match &*tx.borrow() {

@@ -147,6 +147,7 @@ openraft::declare_raft_types!(
         R = ApplyResult,
         NodeId = NodeId,
         Node = NodeAddr,
+        AsyncRuntime = super::timer_grid::GridRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, super::state_machine::ShardStateMachine>;
