@@ -7,12 +7,12 @@
 //! an idle cluster's CPU.
 //!
 //! Here `sleep_until` deadlines more than [`ALIGN_BEYOND`] away are moved to the next line of a
-//! process-wide grid spaced by the tick period ([`set_spacing`]), so all the groups' ticks fire
-//! in one wake. A timer fires at most one spacing late. Elections and heartbeats are already
-//! rounded to ticks, so they are late by at most one more tick; Raft's safety does not depend
-//! on timers, and a follower that starts an election later is only more conservative. Short
-//! sleeps (openraft batches I/O completions with a microsecond sleep) and every timeout are
-//! tokio's own, untouched.
+//! process-wide grid spaced by the tick period ([`set_spacing_for_heartbeat`]), so all the
+//! groups' ticks fire in one wake. A timer fires at most one spacing late. Elections and
+//! heartbeats are already rounded to ticks, so they are late by at most one more tick; Raft's
+//! safety does not depend on timers, and a follower that starts an election later is only more
+//! conservative. Short sleeps (openraft batches I/O completions with a microsecond sleep) and
+//! every timeout are tokio's own, untouched.
 
 use std::future::Future;
 use std::sync::OnceLock;
