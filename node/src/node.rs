@@ -318,6 +318,9 @@ pub async fn run(
         hub: hub.clone(),
         snapshots: Default::default(),
     });
+    // Peers' greetings wait for this; the answer carries our cluster id, which tells a
+    // joining node that we are a cluster's member and not a node to found one with.
+    transport.set_cluster_id(cluster_state.borrow().cluster_id);
     transport.set_inbound(Arc::new(inbound));
 
     let admin_app = admin::router(admin::AdminState {

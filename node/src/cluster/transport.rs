@@ -37,7 +37,7 @@ use ractor_cluster::{
     RactorClusterMessage,
 };
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use super::faults::PeerFaults;
@@ -140,6 +140,10 @@ const MAX_IN_FLIGHT_PER_PEER: usize = 4096;
 const MAX_INBOUND_CALLS: usize = 8192;
 /// Frames queued for one peer at most.
 const OUTBOX_FRAMES: usize = 16_384;
+/// How long a peer's greeting waits for this node to finish opening its groups.
+const GREETING_WAIT: Duration = Duration::from_secs(10);
+/// The answer to a peer's call that arrives before this node serves.
+const STARTING: &str = "this node is still starting; ask again shortly";
 /// A batch takes no more frames once this large (one frame may be larger).
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -151,6 +155,8 @@ pub struct Transport {
     pub(super) events: broadcast::Sender<PeerEvent>,
     pub(super) started: Instant,
     inbound: std::sync::OnceLock<Arc<dyn Inbound>>,
+    /// Turns true once `inbound` is set: greetings that came earlier wait for it.
+    serving: watch::Sender<bool>,
     inbound_slots: Arc<Semaphore>,
     tls: Option<ClusterTls>,
     faults: Arc<PeerFaults>,
@@ -215,6 +221,7 @@ impl Transport {
             events,
             started: Instant::now(),
             inbound: std::sync::OnceLock::new(),
+            serving: watch::Sender::new(false),
             inbound_slots: Arc::new(Semaphore::new(MAX_INBOUND_CALLS)),
             tls,
             faults,
@@ -248,9 +255,11 @@ impl Transport {
         }
     }
 
-    /// Sets what handles peers' messages (once, before peers are dialed).
+    /// Sets what handles peers' messages (once, when this node's groups are open). Until
+    /// then peers' greetings wait and their other calls are refused.
     pub fn set_inbound(&self, inbound: Arc<dyn Inbound>) {
         let _ = self.inbound.set(inbound);
+        self.serving.send_replace(true);
     }
 
     pub fn hello(&self) -> Hello {
@@ -396,14 +405,33 @@ impl Transport {
 
     /// Handles a call from a peer in a task of its own, so a slow one never holds up the
     /// next, and sends the answer back.
+    ///
+    /// Before `Inbound` is set (this node listens while it still opens its groups), a
+    /// greeting waits for it, up to `GREETING_WAIT`, and anything else is refused. A greeting
+    /// dropped instead would leave the peer waiting for an answer that cannot come while this
+    /// node, greeted back, counts the peer up and then closes the silent session.
     fn serve(
         self: &Arc<Self>,
-        inbound: &Arc<dyn Inbound>,
+        inbound: Option<&Arc<dyn Inbound>>,
         from: NodeId,
         traceparent: Option<&str>,
         call: Call,
         answer: Answer,
     ) {
+        let Some(inbound) = inbound else {
+            if !matches!(call, Call::Hello(_)) {
+                self.answer(answer, CallReply::Failed(STARTING.into()));
+                return;
+            }
+            let (transport, mut serving) = (self.clone(), self.serving.subscribe());
+            tokio::spawn(async move {
+                match tokio::time::timeout(GREETING_WAIT, serving.wait_for(|s| *s)).await {
+                    Ok(Ok(_)) => transport.serve(transport.inbound.get(), from, None, call, answer),
+                    _ => transport.answer(answer, CallReply::Failed(STARTING.into())),
+                }
+            });
+            return;
+        };
         let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
             let busy = CallReply::Failed("this node is handling too many peer requests".into());
             self.answer(answer, busy);
@@ -576,7 +604,7 @@ impl Actor for Endpoint {
         msg: EndpointMsg,
         t: &mut Arc<Transport>,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(inbound) = t.inbound.get().cloned() else { return Ok(()) };
+        let inbound = t.inbound.get().cloned();
         match msg {
             EndpointMsg::Frames(bytes) => {
                 for frame in Batch::frames_of(&bytes) {
@@ -596,15 +624,21 @@ impl Actor for Endpoint {
                     let from = env.from;
                     match env.body {
                         Frame::Cast(cast) => {
+                            // Nothing a cast is about exists before this node serves.
+                            let Some(inbound) = &inbound else { continue };
                             let span = trace::continued(
                                 env.traceparent.as_deref(),
                                 || tracing::info_span!(target: trace::TARGET, "deliver", from = %format_args!("{from:x}"), trace_id = tracing::field::Empty),
                             );
                             span.in_scope(|| inbound.cast(from, cast));
                         }
-                        Frame::Call { id, call } => {
-                            t.serve(&inbound, from, env.traceparent.as_deref(), call, Answer::Frame { to: from, id })
-                        }
+                        Frame::Call { id, call } => t.serve(
+                            inbound.as_ref(),
+                            from,
+                            env.traceparent.as_deref(),
+                            call,
+                            Answer::Frame { to: from, id },
+                        ),
                         Frame::Reply { id, reply } => t.complete(from, id, reply),
                     }
                 }
@@ -622,7 +656,7 @@ impl Actor for Endpoint {
                 if !t.admit(env.from) {
                     return Ok(());
                 }
-                t.serve(&inbound, env.from, env.traceparent.as_deref(), env.body, Answer::Port(reply));
+                t.serve(inbound.as_ref(), env.from, env.traceparent.as_deref(), env.body, Answer::Port(reply));
             }
         }
         Ok(())
@@ -675,6 +709,78 @@ async fn send_outbox(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::NodeAddr;
+
+    /// Answers greetings with the node's hello, as the node's own `Inbound` does.
+    struct Greeter(Hello);
+
+    impl Inbound for Greeter {
+        fn call(&self, _: NodeId, call: Call) -> BoxFuture<'static, CallReply> {
+            let reply = match call {
+                Call::Hello(_) => CallReply::Hello(self.0.clone()),
+                _ => CallReply::Failed("only greetings here".into()),
+            };
+            Box::pin(async move { reply })
+        }
+        fn cast(&self, _: NodeId, _: Cast) {}
+    }
+
+    async fn ask(endpoint: &ActorRef<EndpointMsg>, call: Call) -> CallReply {
+        let bytes = codec::encode(&Envelope { from: 0xfeed, traceparent: None, body: call });
+        let answer = endpoint
+            .call(|reply| EndpointMsg::Call(bytes, reply), Some(RactorDuration::from_secs(30)))
+            .await
+            .expect("the endpoint takes calls");
+        let CallResult::Success(bytes) = answer else { panic!("no answer: {answer:?}") };
+        codec::decode::<Envelope<CallReply>>("answer", &bytes).expect("a readable answer").body
+    }
+
+    /// A node listens before its groups are open. A peer that dials in then must get its
+    /// greeting answered once the node serves: a greeting dropped instead left the peer
+    /// waiting while this node counted it up, until a timeout closed the session.
+    #[tokio::test]
+    async fn a_greeting_waits_for_the_node_to_serve_and_other_calls_are_refused_until_then() {
+        let me: NodeId = 0x5eed_0001;
+        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addr = NodeAddr {
+            name: "starting".into(),
+            cluster_addr: listen.to_string(),
+            client_url: "ws://127.0.0.1:1/v1/ws".into(),
+            admin_url: "http://127.0.0.1:1".into(),
+        };
+        let hello = Hello { node: me, addr, cluster_id: 7 };
+        let (events, _) = mpsc::unbounded_channel();
+        let transport =
+            Transport::start(me, hello.clone(), listen, "cookie".into(), None, events, Arc::new(PeerFaults::default()))
+                .await
+                .expect("the transport starts");
+        let endpoint = ractor::pg::get_members(&endpoint_group(me))
+            .into_iter()
+            .find(|cell| cell.get_id().is_local())
+            .map(ActorRef::<EndpointMsg>::from)
+            .expect("the endpoint joined its group");
+
+        // The greeting goes into the endpoint's mailbox first; the endpoint takes calls in
+        // order, so once the second call is answered, the greeting was taken.
+        let (port, mut greeting) = ractor::concurrency::oneshot::<Vec<u8>>();
+        let bytes = codec::encode(&Envelope { from: 0xfeed, traceparent: None, body: Call::Hello(hello.clone()) });
+        endpoint.send_message(EndpointMsg::Call(bytes, port.into())).expect("the endpoint takes calls");
+        let refused = ask(&endpoint, Call::Heartbeat { reports: vec![] }).await;
+        assert!(matches!(&refused, CallReply::Failed(why) if why == STARTING), "got {refused:?}");
+        assert!(greeting.try_recv().is_err(), "a greeting is not answered before the node serves");
+
+        transport.set_inbound(Arc::new(Greeter(hello.clone())));
+        let bytes = tokio::time::timeout(Duration::from_secs(30), greeting)
+            .await
+            .expect("the greeting is answered once the node serves")
+            .expect("the greeting is answered, not dropped");
+        match codec::decode::<Envelope<CallReply>>("answer", &bytes).expect("a readable answer").body {
+            CallReply::Hello(answered) => assert_eq!(answered.node, me),
+            other => panic!("the greeting got {other:?}"),
+        }
+        let served = ask(&endpoint, Call::Heartbeat { reports: vec![] }).await;
+        assert!(matches!(&served, CallReply::Failed(why) if why == "only greetings here"), "got {served:?}");
+    }
 
     #[test]
     fn ractor_names_carry_the_node_id() {
