@@ -13,7 +13,7 @@ pub struct Category {
     pub name: String,
     pub skill_group: SkillGroup,
     pub priority: Priority,
-    /// Lower-cased; matched by [`mentions`].
+    /// Lower-cased; matched by `mentions`.
     pub keywords: Vec<String>,
 }
 

@@ -30,7 +30,7 @@ pub enum Command {
     /// ./convoy-data. The client secret comes from CONVOY_AUTH_SECRET, or is generated once and kept in
     /// the data directory so tokens survive restarts. Prints a ready-to-use token for a demo user.
     Dev(DevArgs),
-    /// Run a node from a TOML configuration file (environment variables CONVOY_<SECTION>_<KEY> override it).
+    /// Run a node from a TOML configuration file (environment variables such as CONVOY_CLUSTER_SEEDS override its values).
     Start(StartArgs),
     /// Mint a client token (HS256 JWT) signed with the node's client secret.
     Token(TokenArgs),

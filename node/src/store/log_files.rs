@@ -13,7 +13,7 @@
 //! vote, the committed and purged log ids) is rebuilt in memory by reading the frame
 //! headers at start-up.
 //!
-//! Files are zeroed ahead of their last frame ([`ZEROED_AHEAD`] bytes at a time, in the same
+//! Files are zeroed ahead of their last frame (`ZEROED_AHEAD` bytes at a time, in the same
 //! `write` as the frames that need it): an `fdatasync` that must also store a longer file
 //! size writes the inode as well, and waits for that second write. A frame never begins with
 //! a zero byte (its length is not zero), so the frames end where the zeros begin.

@@ -1,7 +1,7 @@
 //! openraft log storage for one Raft group, over the node's Raft log files
 //! (`log_files.rs`), which the storage writer appends to.
 //!
-//! Each append is written as records of at most [`RECORD_ENTRIES`] consecutive entries. The
+//! Each append is written as records of at most `RECORD_ENTRIES` consecutive entries. The
 //! newest entries also stay in memory, so applying or replicating them never reads a file.
 
 use std::collections::BTreeMap;
