@@ -46,6 +46,10 @@ pub struct ShardData {
     cluster: Option<watch::Sender<Arc<ClusterState>>>,
     store: Store,
     cache: Mutex<LruCache<EntityKey, Option<Arc<EntityState>>>>,
+    /// The log index through which applied entries are visible to readers. openraft counts
+    /// an entry applied once its batch is queued for the writer; readers see it only when
+    /// the batch is visible, and batches become visible in order.
+    visible: watch::Sender<u64>,
     timers: Mutex<TimerIndex>,
     timers_changed: Notify,
     sink: RwLock<Option<Arc<dyn AppliedSink>>>,
@@ -77,6 +81,7 @@ impl ShardData {
             cluster,
             store,
             cache: Mutex::new(LruCache::new(cap)),
+            visible: watch::Sender::new(0),
             timers: Mutex::new(TimerIndex::default()),
             timers_changed: Notify::new(),
             sink: RwLock::new(None),
@@ -127,6 +132,27 @@ impl ShardData {
     }
 
     /// Makes states written by the state machine visible to readers.
+    /// Entries through `index` are applied and readers see them.
+    pub(super) fn made_visible(&self, index: u64) {
+        self.visible.send_if_modified(|visible| {
+            let advanced = index > *visible;
+            if advanced {
+                *visible = index;
+            }
+            advanced
+        });
+    }
+
+    /// Resolves once readers see every entry through `index`. A linearizable read waits for
+    /// this after openraft's read barrier: the barrier waits for entries to be applied, which
+    /// here means queued, and a leader still writing a backlog (one that caught up just
+    /// before it took over) would otherwise answer from states older than what it acked.
+    pub async fn visible_through(&self, index: u64) {
+        let mut visible = self.visible.subscribe();
+        // The sender lives as long as `self`, which the caller holds.
+        let _ = visible.wait_for(|v| *v >= index).await;
+    }
+
     pub(super) fn publish(&self, states: impl Iterator<Item = (EntityKey, Option<Arc<EntityState>>)>) {
         let mut cache = self.cache.lock();
         for (k, s) in states {
@@ -259,5 +285,34 @@ impl LogReader for ShardData {
             .range(Bound::Included(&start), Bound::Excluded(&end), false, limit as usize)
             .map_err(fault)?;
         rows.into_iter().map(|(_, v)| codec::decode::<LogEntry>("log entry", &v).map_err(fault)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::store::WriterLimits;
+
+    /// A read waits until what its barrier covers is visible, never longer, and visibility
+    /// never moves back (a snapshot's index or a late batch cannot undo a later one).
+    #[test]
+    fn reads_wait_for_visibility_through_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = WriterLimits { queue_depth: 8, max_batch_bytes: 1 << 20, max_staged_bytes: 1 << 20 };
+        let (store, _writer) = Store::open(dir.path(), 1 << 20, limits).unwrap();
+        let data = ShardData::new(RaftGroupId(1), store, 16);
+
+        data.made_visible(4);
+        assert!(data.visible_through(4).now_or_never().is_some(), "index 4 is visible");
+        let mut waiting = Box::pin(data.visible_through(7));
+        assert!(waiting.as_mut().now_or_never().is_none(), "index 7 is queued, not visible");
+        data.made_visible(6);
+        assert!(waiting.as_mut().now_or_never().is_none(), "6 is not 7");
+        data.made_visible(9);
+        assert!(waiting.as_mut().now_or_never().is_some(), "a batch through 9 covers 7");
+        data.made_visible(5);
+        assert!(data.visible_through(9).now_or_never().is_some(), "visibility never moves back");
     }
 }

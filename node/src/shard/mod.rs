@@ -370,10 +370,13 @@ impl ShardHost {
     pub async fn query(&self, key: EntityKey, q: Query) -> Result<Reply, Rejection> {
         self.check_leading()?;
         self.while_leading(async {
-            self.raft
+            let read = self
+                .raft
                 .ensure_linearizable(ReadPolicy::ReadIndex)
                 .await
-                .map_err(|e| unavailable(format!("{} cannot confirm its leadership: {e}", self.group)))
+                .map_err(|e| unavailable(format!("{} cannot confirm its leadership: {e}", self.group)))?;
+            self.data.visible_through(read.index()).await;
+            Ok(())
         })
         .await?;
         let state = self.data.state(&key).map_err(|e| Rejection::new(ErrorCode::Internal, e.to_string()))?;
@@ -390,6 +393,10 @@ impl ShardHost {
         let _ = self.raft.shutdown().await;
     }
 }
+
+/// How long a new leader waits for the entries its read barrier covers to become visible
+/// before it looks at its leadership again (a backlog it caught up on is still being written).
+const BARRIER_VISIBLE_WAIT: Duration = Duration::from_secs(2);
 
 /// Follows the group's Raft metrics. On gaining leadership: read barrier, then serve
 /// entities and run timers. On losing it: stop every entity actor of the shard at once,
@@ -418,7 +425,14 @@ async fn watch_leadership(
             Leadership::Following { .. } => None,
         };
         if leading && was_leading_term != Some(term) {
-            if raft.ensure_linearizable(ReadPolicy::ReadIndex).await.is_err() {
+            // Entities start from states that hold everything committed before this term.
+            let confirmed = match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                Ok(read) => {
+                    tokio::time::timeout(BARRIER_VISIBLE_WAIT, data.visible_through(read.index())).await.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !confirmed {
                 // Not confirmed yet (or lost again): look again shortly, metrics may not move.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;

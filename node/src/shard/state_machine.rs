@@ -135,6 +135,8 @@ impl ShardStateMachine {
         data.reload_timers()?;
         data.reload_cluster()?;
         data.scan_idempotency_records();
+        // What the store holds is what readers see.
+        data.made_visible(meta.last_applied.map_or(0, |l| l.index()));
         Ok(ShardStateMachine {
             group,
             store,
@@ -439,6 +441,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
         self.batches += 1;
         let batch_no = self.batches;
+        let last_index = self.meta.last_applied.map_or(0, |l| l.index());
         let cluster = cluster.map(Arc::new);
         let written: Vec<(EntityKey, Option<Arc<EntityState>>)> =
             changed.into_iter().map(|k| (k.clone(), states.remove(&k).flatten().map(Arc::new))).collect();
@@ -487,6 +490,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     u.cluster = None;
                 }
             }
+            data.made_visible(last_index);
             for (responder, result) in replies {
                 responder.send(result);
             }
@@ -582,6 +586,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.data.replacing();
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
+        self.data.made_visible(meta.last_log_id.map_or(0, |l| l.index()));
         // Durable now, the entity logs stay in the store: the file keeps the rest.
         let cut = rows.into_iter().filter(|(k, _)| keys::append_only_row(k).is_none()).collect();
         self.current.save(&SnapshotFile { meta: meta.clone(), cut })?;
