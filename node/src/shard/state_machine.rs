@@ -723,9 +723,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
     use openraft::vote::RaftLeaderId;
 
     use super::*;
+    use crate::shard::types::Entry;
 
     fn snapshot_at(index: u64) -> SnapshotFile {
         let leader = <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(1, 1).to_committed();
@@ -772,6 +774,35 @@ mod tests {
         index.find_idempotent(&key, "u-1/m-1").unwrap();
         assert_eq!(index.find_idempotent(&key, "u-1/m-3").unwrap(), None);
         assert!(!index.found_own(3, Some(mine)));
+    }
+
+    /// openraft counts a batch applied once `apply` returns, which is when it is queued for
+    /// the writer; readers (and linearizable reads, which wait on this) see it only once the
+    /// writer has taken it. A stalled writer holds the batch back.
+    #[tokio::test]
+    async fn readers_see_an_applied_batch_only_once_the_writer_has_taken_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing fits in staging: every batch goes through the writer.
+        let limits = crate::store::WriterLimits { queue_depth: 8, max_batch_bytes: 1 << 20, max_staged_bytes: 1 };
+        let (store, _writer) = Store::open(dir.path(), 1 << 20, limits).unwrap();
+        let group = RaftGroupId(1);
+        let data = Arc::new(ShardData::new(group, store.clone(), 16));
+        let mut sm = ShardStateMachine::open(group, store.clone(), data.clone(), dir.path().join("snapshots")).unwrap();
+        assert!(data.visible_through(0).now_or_never().is_some(), "an empty store is visible through 0");
+
+        store.writer().faults().set_stall(true);
+        let leader = <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(1, 1).to_committed();
+        let entries =
+            (1..=3).map(|i| Ok((Entry { log_id: LogId::new(leader, i), payload: EntryPayload::Blank }, None)));
+        sm.apply(futures::stream::iter(entries)).await.expect("the batch is queued");
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index()), Some(3), "openraft sees 3 applied");
+        let mut visible = Box::pin(data.visible_through(3));
+        assert!(visible.as_mut().now_or_never().is_none(), "readers do not see a batch the writer has not taken");
+
+        store.writer().faults().set_stall(false);
+        tokio::time::timeout(std::time::Duration::from_secs(10), visible)
+            .await
+            .expect("readers see the batch once the writer takes it");
     }
 
     #[test]
