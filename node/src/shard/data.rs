@@ -131,7 +131,6 @@ impl ShardData {
         Ok(self.store.get::<EntityState>("entity state", &keys::state(self.group, key))?.map(Arc::new))
     }
 
-    /// Makes states written by the state machine visible to readers.
     /// Entries through `index` are applied and readers see them.
     pub(super) fn made_visible(&self, index: u64) {
         self.visible.send_if_modified(|visible| {
@@ -153,6 +152,7 @@ impl ShardData {
         let _ = visible.wait_for(|v| *v >= index).await;
     }
 
+    /// Makes states written by the state machine visible to readers.
     pub(super) fn publish(&self, states: impl Iterator<Item = (EntityKey, Option<Arc<EntityState>>)>) {
         let mut cache = self.cache.lock();
         for (k, s) in states {
