@@ -1,3 +1,4 @@
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use std::path::PathBuf;
@@ -181,16 +182,21 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The async runtime every command runs on; the exit code to end with if it cannot start.
-fn new_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+/// The async runtime every command runs on, with `threads` workers (default: one per core);
+/// the exit code to end with if it cannot start.
+fn new_runtime(threads: Option<NonZeroUsize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.get());
+    }
+    builder.enable_all().build().map_err(|e| {
         eprintln!("error: cannot start the async runtime: {e}");
         ExitCode::from(1)
     })
 }
 
 fn block_on(f: impl std::future::Future<Output = Result<ExitCode, BoxError>>) -> ExitCode {
-    let runtime = match new_runtime() {
+    let runtime = match new_runtime(None) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
@@ -292,29 +298,32 @@ fn usage_error(subcommand: &str, message: String) -> ! {
 }
 
 fn run_load(args: LoadArgs) -> ExitCode {
+    let threads = args.window.threads;
     let cfg = match LoadConfig::from_args(args) {
         Ok(cfg) => cfg,
         Err(message) => usage_error("load", message),
     };
     let json_path = cfg.json.clone();
-    report_run(json_path, load::run(cfg))
+    report_run(json_path, threads, load::run(cfg))
 }
 
 fn run_peer(args: PeerArgs) -> ExitCode {
+    let threads = args.window.threads;
     let cfg = match PeerConfig::from_args(args) {
         Ok(cfg) => cfg,
         Err(message) => usage_error("peer", message),
     };
     let json_path = cfg.json.clone();
-    report_run(json_path, peer::run(cfg))
+    report_run(json_path, threads, peer::run(cfg))
 }
 
 /// Runs a load run to its end, then prints its table and writes its JSON.
 fn report_run(
     json_path: Option<PathBuf>,
+    threads: Option<NonZeroUsize>,
     run: impl std::future::Future<Output = Result<LoadReport, LoadError>>,
 ) -> ExitCode {
-    let runtime = match new_runtime() {
+    let runtime = match new_runtime(threads) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };

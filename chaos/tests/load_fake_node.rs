@@ -272,6 +272,8 @@ async fn the_binary_runs_a_load_and_writes_json() {
     let json_path = std::env::temp_dir().join(format!("convoy-load-cli-{}.json", std::process::id()));
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy-chaos"))
         .args(["load", "--url", &url, "-c", "8", "-g", "4", "-m", "2", "--warmup", "0s", "--duration", "500ms"])
+        // The generator as the benchmarks run it, on one thread.
+        .args(["--threads", "1"])
         .arg("--json")
         .arg(&json_path)
         .env("CONVOY_AUTH_SECRET", SECRET)
@@ -294,6 +296,12 @@ async fn the_binary_runs_a_load_and_writes_json() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
+    let no_threads = std::process::Command::new(env!("CARGO_BIN_EXE_convoy-chaos"))
+        .args(["load", "--secret", "s", "--threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(no_threads.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_threads.stderr).contains("--threads"));
     let fatal = std::process::Command::new(env!("CARGO_BIN_EXE_convoy-chaos"))
         .args(["load", "--secret", "s", "-q", "--url", "ws://127.0.0.1:1/v1/ws", "-c", "2", "-m", "2"])
         .output()
