@@ -301,7 +301,8 @@ async fn the_binary_runs_a_load_and_writes_json() {
         .output()
         .unwrap();
     assert_eq!(no_threads.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&no_threads.stderr).contains("--threads"));
+    // Refused as a value of --threads (an unknown option would say "unexpected argument").
+    assert!(String::from_utf8_lossy(&no_threads.stderr).contains("invalid value '0' for '--threads"));
     let fatal = std::process::Command::new(env!("CARGO_BIN_EXE_convoy-chaos"))
         .args(["load", "--secret", "s", "-q", "--url", "ws://127.0.0.1:1/v1/ws", "-c", "2", "-m", "2"])
         .output()
