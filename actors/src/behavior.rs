@@ -478,15 +478,21 @@ fn inbox_sync<R: Runtime>(key: EntityKey, caller: Caller, rt: R) -> Handling {
     }))
 }
 
-/// Whether the pushes of an applied command are this node's to make.
+/// Whether the leader sends the pushes of an applied command to the nodes that hold no
+/// replica of its shard (every replica pushes to its own connections as it applies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushes {
-    /// It was applied while this node led: it pushes what the command produced.
+    /// It was applied while this node led: it sends what the command produced.
     Send,
-    /// It was applied while another node led, which pushed it (this replica caught up and took
-    /// over before the apply became visible). Pushed again, it would reach clients twice and
-    /// after newer entries.
+    /// It was applied while another node led, which sent it (this replica caught up and took
+    /// over before the apply became visible), or no node outside the replicas needs it. Sent
+    /// again, it would reach clients twice and after newer entries.
     Skip,
+}
+
+/// Whether the leader's entity acts on its applied commands for more than their pushes.
+pub fn acts_on_applied(key: &EntityKey) -> bool {
+    matches!(key, EntityKey::SkillQueue(_))
 }
 
 /// Acts on what applying a command produced, on the leader. `state` is the state after it.
@@ -498,30 +504,42 @@ pub fn on_applied<R: Runtime>(
     pushes: Pushes,
     rt: &R,
 ) {
+    if let (EntityKey::SkillQueue(_), Some(EntityState::SkillQueue(q))) = (key, state) {
+        if notices.contains(&Notice::QueueChanged) {
+            let offers = q.plan_offers(rt.now());
+            if !offers.is_empty() {
+                rt.spawn(rt.propose(key.clone(), Command::Queue(QueueCommand::Offer { offers })));
+            }
+        }
+        return;
+    }
+    if pushes == Pushes::Send {
+        for_each_event(key, state, appended, notices, |audience, event| rt.push(audience, &event));
+    }
+}
+
+/// The events an applied command produced, each with the users it goes to, in log order.
+/// `state` is the state after it. Every replica of the entity's shard calls this as it
+/// applies, for its own connections; the leader's `on_applied`, for the other nodes.
+pub fn for_each_event(
+    key: &EntityKey,
+    state: Option<&EntityState>,
+    appended: &[Entry],
+    notices: &[Notice],
+    mut push: impl FnMut(&[UserId], Event),
+) {
     let (id, g) = match (key, state) {
         (EntityKey::Group(id), Some(EntityState::Group(g))) => (id, g),
-        (EntityKey::Ticket(_), _) if pushes == Pushes::Send => {
+        (EntityKey::Ticket(_), _) => {
             for n in notices {
                 if let Notice::Ticket(ev) = n {
-                    rt.push(&ev.audience, &Event::Ticket(ev.clone()));
-                }
-            }
-            return;
-        }
-        (EntityKey::SkillQueue(_), Some(EntityState::SkillQueue(q))) => {
-            if notices.contains(&Notice::QueueChanged) {
-                let offers = q.plan_offers(rt.now());
-                if !offers.is_empty() {
-                    rt.spawn(rt.propose(key.clone(), Command::Queue(QueueCommand::Offer { offers })));
+                    push(&ev.audience, Event::Ticket(ev.clone()));
                 }
             }
             return;
         }
         _ => return,
     };
-    if pushes == Pushes::Skip {
-        return;
-    }
     let mut audience: Vec<UserId> = g.member_ids().cloned().collect();
     // Someone removed still gets the entry that says so.
     for n in notices {
@@ -530,11 +548,11 @@ pub fn on_applied<R: Runtime>(
         }
     }
     for entry in appended {
-        rt.push(&audience, &Event::Msg { group: id.clone(), entry: entry.clone() });
+        push(&audience, Event::Msg { group: id.clone(), entry: entry.clone() });
     }
     for n in notices {
         if let Notice::ReadMoved { user, read_seq } = n {
-            rt.push(&audience, &Event::Receipt { group: id.clone(), user: user.clone(), read_seq: *read_seq });
+            push(&audience, Event::Receipt { group: id.clone(), user: user.clone(), read_seq: *read_seq });
         }
     }
 }

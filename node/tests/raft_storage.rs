@@ -354,10 +354,82 @@ async fn metadata_applies_queued_behind_each_other_build_on_each_other() {
 struct Recorder(std::sync::Mutex<Vec<(Vec<u64>, convoy_actors::behavior::Pushes)>>);
 
 impl convoy_node::shard::AppliedSink for Recorder {
-    fn applied(&self, effects: Vec<convoy_node::shard::AppliedEffects>) {
+    fn applied(&self, effects: Vec<Arc<convoy_node::shard::AppliedEffects>>) {
         let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
         seen.extend(effects.into_iter().map(|e| (e.appended.iter().map(|entry| entry.seq).collect(), e.pushes)));
     }
+}
+
+/// Every replica pushes what it applies to its own connections, leader or not: the fan-out
+/// gets every effect, in log order, once its apply is visible, with or without a leader's sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_hands_its_applies_to_its_own_fanout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
+    let fanout = Arc::new(Recorder::default());
+    data.set_fanout(fanout.clone());
+    let mut requests = Requests::new();
+    requests.open_group(&mut sm, "g-1").await;
+    store.writer().barrier().await.expect("the group is written");
+    let opened = fanout.0.lock().unwrap().len();
+
+    store.writer().faults().set_stall(true);
+    requests.send(&mut sm, "g-1", "m-1").await;
+    requests.send(&mut sm, "g-1", "m-2").await;
+    assert_eq!(fanout.0.lock().unwrap().len(), opened, "an effect was handed on before its apply was visible");
+    store.writer().faults().set_stall(false);
+    store.writer().barrier().await.expect("applies written");
+
+    let seen = fanout.0.lock().unwrap()[opened..].to_vec();
+    assert_eq!(seen.len(), 2, "one effect per send, on a follower: {seen:?}");
+    assert_eq!(seen[1].0, vec![seen[0].0[0] + 1], "in log order: {seen:?}");
+}
+
+/// The devices connected to a node, as a replica's fan-out reaches them: what each push
+/// carried, by `client_msg_id`.
+#[derive(Default)]
+struct Devices(std::sync::Mutex<Vec<String>>);
+
+impl convoy_node::entity::Pusher for Devices {
+    fn deliver_here(&self, _: &[convoy_actors::ids::UserId], event: &convoy_actors::event::Event) {
+        if let convoy_actors::event::Event::Msg { entry, .. } = event {
+            let cmid = entry.client_msg_id.as_ref().map(|c| c.as_str().to_string()).unwrap_or_default();
+            self.0.lock().unwrap().push(cmid);
+        }
+    }
+    fn send_to_peers(&self, _: &[convoy_actors::ids::UserId], _: &convoy_actors::event::Event, _: &[u64]) {
+        panic!("a replica's fan-out sends nothing to other nodes")
+    }
+    fn peers_beyond(&self, _: &[u64]) -> bool {
+        false
+    }
+}
+
+/// A replica pushes to its own devices what it applies, but not a backlog it catches up on
+/// (entries far behind the commit frontier the leader reported): that would overflow their
+/// queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pushes_what_it_applies_but_not_a_backlog_it_catches_up_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
+    let devices = Arc::new(Devices::default());
+    // The leader reported index 260 committed: what is more than 256 entries behind it, the
+    // open (1) and the first two sends (2, 3), is a backlog.
+    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), || 260));
+    let mut requests = Requests::new();
+    requests.open_group(&mut sm, "g-1").await;
+    for cmid in ["behind", "behind-too", "caught-up", "caught-up-too"] {
+        requests.send(&mut sm, "g-1", cmid).await;
+    }
+    store.writer().barrier().await.expect("applies written");
+
+    // The fan-out takes the batches in log order: once the last is pushed, all were seen.
+    let pushed = || devices.0.lock().unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pushed().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(pushed(), ["caught-up", "caught-up-too"], "pushed by the replica, in log order, only near the frontier");
 }
 
 /// A replica that catches up and is made leader at once can see applies of its follower days

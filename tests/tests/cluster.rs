@@ -57,6 +57,9 @@ async fn clients_on_any_node_share_one_system() {
         }
         assert_eq!(seqs, (1..=21).collect::<Vec<_>>(), "{name} got pushes out of order");
     }
+    // Every node holds a replica of every shard, so each pushed from its own apply: no node
+    // sent another one a push.
+    assert_eq!(cluster.metric_total("convoy_fanout_node_sends_total").await, 0.0, "pushes crossed between nodes");
 
     // A read on one device shows on the other device (another node) and in group.info.
     cust_n3.msg_read(&g, 21).await.unwrap();
@@ -83,6 +86,42 @@ async fn clients_on_any_node_share_one_system() {
         status["groups"].as_array().unwrap().iter().all(|g| g["leader"].is_string()),
         "every group has a leader: {status}"
     );
+}
+
+/// With fewer replicas than nodes, a node that holds no replica of a group's shard gets the
+/// group's pushes from the leader, and its devices see the same events in the same order as
+/// those on the replicas, which push from their own apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_a_replica_get_pushes_from_the_leader() {
+    let cluster = Cluster::start(3, NodeOptions::new().set("cluster.replication_factor", 2));
+    let g = unique("exc");
+    let (disp, cust) = (unique("disp"), unique("cust"));
+    let sender = connect(cluster.node(0), &disp, &["dispatcher"]).await;
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let device = connect_device(cluster.node(i), &cust, &["customer"], &format!("device-{i}")).await;
+        let events = device.events().unwrap();
+        devices.push((i, device, events));
+    }
+    open_group(&sender, &g, vec![Member::new(&cust, "customer")]).await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = sender.msg_send(&g, &format!("m{i}"), text(&format!("t{i}")), false).await.expect("send").seq;
+    }
+    for (node, _, events) in &mut devices {
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&last) {
+            let ev = next_event(events, Duration::from_secs(5), |ev| ev["ev"] == "msg" && ev["group"] == g.as_str())
+                .await
+                .unwrap_or_else(|| panic!("the device on n{} got only {seqs:?} of 1..={last}", *node + 1));
+            seqs.push(seq_of(&ev));
+        }
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "the device on n{} got pushes out of order", *node + 1);
+    }
+    // One node of the three holds no replica of the group's shard: the leader sent it each
+    // event, once.
+    let sends = cluster.metric_total("convoy_fanout_node_sends_total").await;
+    assert!(sends >= last as f64, "{sends} pushes sent between nodes for {last} entries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

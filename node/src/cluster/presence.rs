@@ -1,5 +1,6 @@
-//! Where users are connected, cluster-wide, so a pushed event goes once to each node that
-//! has a recipient and nowhere else.
+//! Where users are connected, cluster-wide, so a leader sends a pushed event once to each
+//! node that has a recipient and holds no replica of the entity's shard (replicas push from
+//! their own apply), and nowhere else.
 //!
 //! Every node tells its peers when a user's first connection opens or last one closes (the
 //! full list when a session to a peer opens); a node forgets everything a peer told it
@@ -10,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_actors::Timestamp;
+use convoy_actors::event::Event;
 use convoy_actors::ids::UserId;
 use parking_lot::RwLock;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -40,6 +41,8 @@ pub struct Presence {
 impl Presence {
     pub fn new(transport: Arc<Transport>, hub: Arc<Hub>) -> Arc<Presence> {
         let p = Arc::new(Presence { transport, hub, remote: RwLock::new(HashMap::new()) });
+        // Exported from the start: with every node a replica of every shard it stays 0.
+        metrics::counter!("convoy_fanout_node_sends_total").increment(0);
         tokio::spawn(p.clone().run());
         p
     }
@@ -148,29 +151,44 @@ impl Presence {
 }
 
 impl Pusher for Presence {
-    fn push(&self, users: &[UserId], frame: Arc<str>, committed_at: Option<Timestamp>) {
-        let mut by_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
+    fn deliver_here(&self, users: &[UserId], event: &Event) {
+        // Rendered only for someone here: a replica applies every group's entries.
+        if !self.hub.any_connected(users) {
+            return;
+        }
+        self.hub.deliver(users, &Utf8Bytes::from(event.to_frame()), event.committed_at());
+    }
+
+    fn send_to_peers(&self, users: &[UserId], event: &Event, replicas: &[NodeId]) {
+        let mut by_node: Vec<(NodeId, Vec<UserId>)> = Vec::new();
         {
             let remote = self.remote.read();
-            for (node, here) in remote.iter() {
+            for (node, here) in remote.iter().filter(|(node, _)| !replicas.contains(node)) {
                 let mine: Vec<UserId> = users.iter().filter(|u| here.contains(*u)).cloned().collect();
                 if !mine.is_empty() {
-                    by_node.insert(*node, mine);
+                    by_node.push((*node, mine));
                 }
             }
         }
+        if by_node.is_empty() {
+            return;
+        }
+        let (frame, committed_at) = (event.to_frame(), event.committed_at());
         for (node, users) in by_node {
             let _send = trace::child(|| {
                 tracing::info_span!(target: TRACE, "fanout.send", to = %format_args!("{node:x}"), users = users.len())
             })
             .entered();
-            let cast = Cast::Push { users, frame: frame.to_string(), committed_at };
+            let cast = Cast::Push { users, frame: frame.clone(), committed_at };
             if self.transport.cast(node, &cast).is_err() {
                 metrics::counter!("convoy_pushes_dropped_total", "reason" => "peer_unreachable").increment(1);
             } else {
                 metrics::counter!("convoy_fanout_node_sends_total").increment(1);
             }
         }
-        self.hub.deliver(users, &Utf8Bytes::from(String::from(&*frame)), committed_at);
+    }
+
+    fn peers_beyond(&self, replicas: &[NodeId]) -> bool {
+        self.remote.read().iter().any(|(node, users)| !users.is_empty() && !replicas.contains(node))
     }
 }

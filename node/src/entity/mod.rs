@@ -3,12 +3,14 @@
 //! An actor serializes its entity's requests and effects: it runs the domain's
 //! `behavior::handle` against the committed state, lets proposals and calls to other
 //! entities run as tasks of their own, and acts on what the state machine applied
-//! (pushes) in log order. Actors start on the first request, stop after `entity_idle`
+//! (pushes to nodes that hold no replica, queue offers) in log order. Pushes to this
+//! node's own connections come from every replica's apply (`fanout.rs`), leader or not. Actors start on the first request, stop after `entity_idle`
 //! without work, and all stop at once when the node loses the shard's leadership. A
 //! supervisor removes failed actors; their queued requests are answered `unavailable`
 //! (the caller sees the reply channel close), and the next request starts a fresh actor
 //! from the stored state.
 
+mod fanout;
 mod runtime;
 mod timers;
 
@@ -17,9 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use convoy_actors::behavior::{self, Handling, Request};
+use convoy_actors::behavior::{self, Handling, Pushes, Request};
 use convoy_actors::domain::Reply;
 use convoy_actors::{EntityKey, ErrorCode, Rejection};
+pub use fanout::ReplicaFanout;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
@@ -28,7 +31,9 @@ pub use timers::run_timers;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::shard::{AppliedEffects, AppliedSink, RaftGroupId, ShardData};
+use openraft::type_config::async_runtime::WatchReceiver;
+
+use crate::shard::{AppliedEffects, AppliedSink, Raft, RaftGroupId, ShardData};
 use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Bounds on entity actors, from the configuration.
@@ -49,16 +54,12 @@ const EFFECTS_QUEUE: usize = 4096;
 pub enum EntityMsg {
     /// The actor answers with how to finish the request; a proposal or a call to another
     /// entity runs in the caller's task, not in the actor.
-    Request {
-        req: Request,
-        reply: oneshot::Sender<Handling>,
-    },
-    Applied(AppliedEffects),
+    Request { req: Box<Request>, reply: oneshot::Sender<Handling> },
+    /// What the shard applied; `pushes` says whether to send its pushes to other nodes.
+    Applied { effects: Arc<AppliedEffects>, pushes: Pushes },
     /// Fail on purpose (fault injection), after hanging this long: the supervisor forgets
     /// the actor, the next request starts a fresh one from the stored state.
-    Crash {
-        hang: Duration,
-    },
+    Crash { hang: Duration },
 }
 
 struct Handle {
@@ -78,7 +79,7 @@ pub struct EntityHost {
     by_id: Mutex<HashMap<ActorId, EntityKey>>,
     serving: AtomicBool,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
-    effects: mpsc::Sender<Vec<AppliedEffects>>,
+    effects: mpsc::Sender<Vec<(Arc<AppliedEffects>, Pushes)>>,
     started: Instant,
 }
 
@@ -124,8 +125,12 @@ impl EntityHost {
         Ok(host)
     }
 
-    /// Binds the host to its shard's data (once, when the shard starts).
-    pub fn attach(&self, data: Arc<ShardData>) {
+    /// Binds the host to its shard's data (once, when the shard starts), and this node's
+    /// connections to what the shard applies.
+    pub fn attach(&self, data: Arc<ShardData>, raft: &Raft) {
+        let raft = raft.clone();
+        let frontier = move || raft.data_metrics().borrow_watched().cluster_committed.map_or(0, |l| l.index());
+        data.set_fanout(fanout::ReplicaFanout::start(&data, self.runtime.pusher(), frontier));
         let _ = self.data.set(data);
     }
 
@@ -192,7 +197,7 @@ impl EntityHost {
         let args = EntityArgs {
             key: key.clone(),
             data: self.data().clone(),
-            runtime: self.runtime.clone(),
+            runtime: self.runtime.for_shard(self.data().clone()),
             queued: queued.clone(),
         };
         let supervisor = self.supervisor.get().expect("set at construction").get_cell();
@@ -241,7 +246,7 @@ impl EntityHost {
         }
         let (tx, rx) = oneshot::channel();
         let started = std::time::Instant::now();
-        if actor.cast(EntityMsg::Request { req, reply: tx }).is_err() {
+        if actor.cast(EntityMsg::Request { req: Box::new(req), reply: tx }).is_err() {
             queued.fetch_sub(1, Ordering::SeqCst);
             self.forget_actor(&actor.get_id());
             return Err(unavailable(format!("{key} was restarting; retry")));
@@ -289,7 +294,21 @@ impl EntityHost {
 }
 
 impl AppliedSink for EntityHost {
-    fn applied(&self, effects: Vec<AppliedEffects>) {
+    fn applied(&self, effects: Vec<Arc<AppliedEffects>>) {
+        // The replicas push to their own connections; the actors send to the other nodes,
+        // when one of them has users connected, and act for the entities that act.
+        let remote = self.runtime.pusher().peers_beyond(&self.data().replicas());
+        let effects: Vec<(Arc<AppliedEffects>, Pushes)> = effects
+            .into_iter()
+            .map(|e| {
+                let pushes = if remote { e.pushes } else { Pushes::Skip };
+                (e, pushes)
+            })
+            .filter(|(e, pushes)| *pushes == Pushes::Send || behavior::acts_on_applied(&e.key))
+            .collect();
+        if effects.is_empty() {
+            return;
+        }
         if self.effects.try_send(effects).is_err() {
             // Pushes are best effort; sync is the guarantee.
             metrics::counter!("convoy_pushes_dropped_total", "reason" => "effects_queue_full").increment(1);
@@ -300,12 +319,12 @@ impl AppliedSink for EntityHost {
 /// Hands applied effects to actors in log order, starting actors that are not active
 /// (entries committed by a previous leader and applied here since this node leads still get
 /// pushed).
-async fn dispatch_effects(host: Weak<EntityHost>, mut rx: mpsc::Receiver<Vec<AppliedEffects>>) {
+async fn dispatch_effects(host: Weak<EntityHost>, mut rx: mpsc::Receiver<Vec<(Arc<AppliedEffects>, Pushes)>>) {
     while let Some(batch) = rx.recv().await {
         let Some(host) = host.upgrade() else { return };
-        for effect in batch {
-            let Ok((actor, _)) = host.actor_for(&effect.key).await else { continue };
-            let _ = actor.cast(EntityMsg::Applied(effect));
+        for (effects, pushes) in batch {
+            let Ok((actor, _)) = host.actor_for(&effects.key).await else { continue };
+            let _ = actor.cast(EntityMsg::Applied { effects, pushes });
         }
     }
 }
@@ -352,9 +371,9 @@ impl Actor for EntityActor {
         match msg {
             EntityMsg::Request { req, reply } => {
                 s.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = reply.send(behavior::handle(&s.key, state.as_deref(), req, &s.runtime));
+                let _ = reply.send(behavior::handle(&s.key, state.as_deref(), *req, &s.runtime));
             }
-            EntityMsg::Applied(effects) => {
+            EntityMsg::Applied { effects, pushes } => {
                 let span = trace::continued(
                     effects.traceparent.as_deref(),
                     || tracing::info_span!(target: TRACE, "fanout", entity = %s.key, trace_id = tracing::field::Empty),
@@ -365,7 +384,7 @@ impl Actor for EntityActor {
                         state.as_deref(),
                         &effects.appended,
                         &effects.notices,
-                        effects.pushes,
+                        pushes,
                         &s.runtime,
                     )
                 });

@@ -172,6 +172,12 @@ impl Hub {
         self.users.read().contains_key(user)
     }
 
+    /// Whether any of `users` is connected here.
+    pub fn any_connected(&self, users: &[UserId]) -> bool {
+        let map = self.users.read();
+        users.iter().any(|u| map.contains_key(u))
+    }
+
     /// Queues `frame` on every connection of `users`; returns how many took it. A message's
     /// `committed_at` times its push latency.
     pub fn deliver(&self, users: &[UserId], frame: &Utf8Bytes, committed_at: Option<Timestamp>) -> usize {

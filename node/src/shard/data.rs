@@ -1,11 +1,11 @@
 //! What a group's state machine shares with the rest of the node: committed entity
-//! states (cached, bounded), stored entries, the timer index, and the hook that hands
-//! applied effects to the leader's entity actors.
+//! states (cached, bounded), stored entries, the timer index, the replica set, and the
+//! hooks that hand applied effects to this node's connections and the leader's entity actors.
 
 use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use convoy_actors::domain::{EntityState, LogIndex, LogReader, Timer, TimerChange};
 use convoy_actors::group::Entry as LogEntry;
@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 
 use super::idempotency::IdempotencyFilter;
 use super::state_machine::{AppliedEffects, AppliedSink};
-use super::{IdempotencyRecord, RaftGroupId};
+use super::{IdempotencyRecord, NodeId, RaftGroupId, StoredMembership};
 use crate::cluster::meta::ClusterState;
 use crate::store::{Store, StoreError, codec, keys};
 
@@ -52,7 +52,12 @@ pub struct ShardData {
     visible: watch::Sender<u64>,
     timers: Mutex<TimerIndex>,
     timers_changed: Notify,
+    /// The leader's entity actors, while this node serves the shard.
     sink: RwLock<Option<Arc<dyn AppliedSink>>>,
+    /// This node's connections: every replica pushes what it applies to its own clients.
+    fanout: OnceLock<Arc<dyn AppliedSink>>,
+    /// The nodes that hold a replica of the shard (voters and learners), as applied here.
+    replicas: RwLock<Arc<[NodeId]>>,
     idempotency: Arc<IdempotencyFilter>,
     /// The scan filling `idempotency`, if one was started.
     scan: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -85,6 +90,8 @@ impl ShardData {
             timers: Mutex::new(TimerIndex::default()),
             timers_changed: Notify::new(),
             sink: RwLock::new(None),
+            fanout: OnceLock::new(),
+            replicas: RwLock::new(Arc::from([])),
             idempotency: Arc::new(IdempotencyFilter::new(group)),
             scan: Mutex::new(None),
         }
@@ -247,7 +254,27 @@ impl ShardData {
         self.sink.read().is_some()
     }
 
+    /// Where this node's own connections get what the shard applies (once, at start).
+    pub fn set_fanout(&self, fanout: Arc<dyn AppliedSink>) {
+        let _ = self.fanout.set(fanout);
+    }
+
+    /// The nodes that hold a replica of the shard, as of the last applied membership. They
+    /// push to their own connections; the leader sends pushes only to the other nodes.
+    pub fn replicas(&self) -> Arc<[NodeId]> {
+        self.replicas.read().clone()
+    }
+
+    pub(super) fn set_replicas(&self, membership: &StoredMembership) {
+        let nodes: Arc<[NodeId]> = membership.membership().nodes().map(|(id, _)| *id).collect();
+        *self.replicas.write() = nodes;
+    }
+
     pub(super) fn deliver(&self, effects: Vec<AppliedEffects>) {
+        let effects: Vec<Arc<AppliedEffects>> = effects.into_iter().map(Arc::new).collect();
+        if let Some(fanout) = self.fanout.get() {
+            fanout.applied(effects.clone());
+        }
         if let Some(sink) = self.sink.read().as_ref() {
             sink.applied(effects);
         }

@@ -74,9 +74,11 @@ impl SnapshotData {
     }
 }
 
-/// What one applied command leaves for the leader's entity actor.
+/// What one applied command leaves for this node's connections and the leader's entity actor.
 pub struct AppliedEffects {
     pub key: EntityKey,
+    /// The command's log index.
+    pub index: u64,
     pub appended: Vec<LogEntry>,
     pub notices: Vec<Notice>,
     /// `Skip` when applied before this node served the shard, and visible only after.
@@ -85,9 +87,9 @@ pub struct AppliedEffects {
     pub traceparent: Option<String>,
 }
 
-/// Receives what was applied, on the node that leads the group.
+/// Receives what was applied, in log order.
 pub trait AppliedSink: Send + Sync + 'static {
-    fn applied(&self, effects: Vec<AppliedEffects>);
+    fn applied(&self, effects: Vec<Arc<AppliedEffects>>);
 }
 
 /// Last applied log id and membership: stored with every apply batch.
@@ -134,6 +136,7 @@ impl ShardStateMachine {
         let current = CurrentSnapshot::open(snapshot_root.join(group.to_string()))?;
         data.reload_timers()?;
         data.reload_cluster()?;
+        data.set_replicas(&meta.membership);
         data.scan_idempotency_records();
         // What the store holds is what readers see.
         data.made_visible(meta.last_applied.map_or(0, |l| l.index()));
@@ -328,6 +331,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 EntryPayload::Blank => ApplyResult::Nothing,
                 EntryPayload::Membership(m) => {
                     self.meta.membership = StoredMembership::new(Some(log_id), m);
+                    self.data.set_replicas(&self.meta.membership);
                     ApplyResult::Nothing
                 }
                 EntryPayload::Normal(RaftRequest::Meta(cmd)) => {
@@ -406,6 +410,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     if !outcome.appended.is_empty() || !outcome.notices.is_empty() {
                         effects.push(AppliedEffects {
                             key: c.key,
+                            index: log_id.index(),
                             appended: outcome.appended,
                             notices: outcome.notices,
                             pushes,
@@ -583,6 +588,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         }
         self.meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         batch.put(keys::applied(self.group), codec::encode(&self.meta));
+        self.data.set_replicas(&self.meta.membership);
         self.data.replacing();
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
