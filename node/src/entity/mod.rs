@@ -4,7 +4,8 @@
 //! `behavior::handle` against the committed state, lets proposals and calls to other
 //! entities run as tasks of their own, and acts on what the state machine applied
 //! (pushes to nodes that hold no replica, queue offers) in log order. Pushes to this
-//! node's own connections come from every replica's apply (`fanout.rs`), leader or not. Actors start on the first request, stop after `entity_idle`
+//! node's own connections come from every replica's apply (`fanout.rs`), leader or not.
+//! Actors start on the first request, stop after `entity_idle`
 //! without work, and all stop at once when the node loses the shard's leadership. A
 //! supervisor removes failed actors; their queued requests are answered `unavailable`
 //! (the caller sees the reply channel close), and the next request starts a fresh actor
@@ -318,7 +319,7 @@ impl AppliedSink for EntityHost {
 
 /// Hands applied effects to actors in log order, starting actors that are not active
 /// (entries committed by a previous leader and applied here since this node leads still get
-/// pushed).
+/// sent to the nodes without a replica).
 async fn dispatch_effects(host: Weak<EntityHost>, mut rx: mpsc::Receiver<Vec<(Arc<AppliedEffects>, Pushes)>>) {
     while let Some(batch) = rx.recv().await {
         let Some(host) = host.upgrade() else { return };
