@@ -166,6 +166,19 @@ impl Requests {
         sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
     }
 
+    /// Applies a membership of `voters` as the next log entry.
+    async fn membership(&mut self, sm: &mut ShardStateMachine, voters: &[u64]) {
+        use openraft::entry::RaftEntry;
+        use openraft::storage::RaftStateMachine;
+        use openraft::testing::log_id;
+
+        self.index += 1;
+        let voters: std::collections::BTreeSet<u64> = voters.iter().copied().collect();
+        let m = openraft::Membership::new_with_defaults(vec![voters], []);
+        let entry = convoy_node::shard::Entry::new_membership(log_id::<TypeConfig>(1, 1, self.index), m);
+        sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
+    }
+
     async fn open_group(&mut self, sm: &mut ShardStateMachine, group: &str) {
         let fields = serde_json::json!({"group": group, "kind": "chat", "members": [{"user": "u-2", "role": "agent"}]});
         self.apply(sm, "group.open", fields).await;
@@ -405,31 +418,62 @@ impl convoy_node::entity::Pusher for Devices {
     }
 }
 
-/// A replica pushes to its own devices what it applies, but not a backlog it catches up on
-/// (entries far behind the commit frontier the leader reported): that would overflow their
-/// queues.
+/// What a fan-out pushed to this node's devices, once `wanted` pushes arrived (or 10 s
+/// passed). The fan-out takes batches in log order: once the last is pushed, all were seen.
+async fn pushed_once(devices: &Devices, wanted: usize) -> Vec<String> {
+    let pushed = || devices.0.lock().unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pushed().len() < wanted && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    pushed()
+}
+
+/// A voter pushes to its own devices what it applies, but not a backlog it catches up on
+/// (entries far behind the newest it knows of): that would overflow their queues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_pushes_what_it_applies_but_not_a_backlog_it_catches_up_on() {
+async fn a_voter_pushes_what_it_applies_but_not_a_backlog_it_catches_up_on() {
     let dir = tempfile::tempdir().expect("temp dir");
     let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
     let devices = Arc::new(Devices::default());
-    // The leader reported index 260 committed: what is more than 256 entries behind it, the
-    // open (1) and the first two sends (2, 3), is a backlog.
-    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), || 260));
+    // Node 1 knows of index 1029: what is more than 1024 entries behind it (indexes 1 to 4:
+    // the membership, the open and the first two sends) is a backlog.
+    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), 1, || 1029));
     let mut requests = Requests::new();
+    requests.membership(&mut sm, &[1]).await;
     requests.open_group(&mut sm, "g-1").await;
     for cmid in ["behind", "behind-too", "caught-up", "caught-up-too"] {
         requests.send(&mut sm, "g-1", cmid).await;
     }
     store.writer().barrier().await.expect("applies written");
+    assert_eq!(
+        pushed_once(&devices, 2).await,
+        ["caught-up", "caught-up-too"],
+        "pushed by the voter, in log order, only near the frontier"
+    );
+}
 
-    // The fan-out takes the batches in log order: once the last is pushed, all were seen.
-    let pushed = || devices.0.lock().unwrap().clone();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while pushed().len() < 2 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(pushed(), ["caught-up", "caught-up-too"], "pushed by the replica, in log order, only near the frontier");
+/// Whose an entry is to push is decided by the voters as of that entry, alike on every
+/// replica and on the leader: a node pushes only what it applied as a voter (the leader
+/// sends it the rest), so its devices get each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pushes_only_the_entries_it_applies_as_a_voter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
+    let devices = Arc::new(Devices::default());
+    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), 2, || 0));
+    let mut requests = Requests::new();
+    requests.membership(&mut sm, &[1]).await;
+    requests.open_group(&mut sm, "g-1").await;
+    requests.send(&mut sm, "g-1", "while-a-learner").await;
+    requests.membership(&mut sm, &[1, 2]).await;
+    requests.send(&mut sm, "g-1", "as-a-voter").await;
+    requests.membership(&mut sm, &[1]).await;
+    requests.send(&mut sm, "g-1", "removed").await;
+    requests.membership(&mut sm, &[1, 2]).await;
+    requests.send(&mut sm, "g-1", "a-voter-again").await;
+    store.writer().barrier().await.expect("applies written");
+    assert_eq!(pushed_once(&devices, 2).await, ["as-a-voter", "a-voter-again"], "node 2 pushed what was not its");
 }
 
 /// A replica that catches up and is made leader at once can see applies of its follower days

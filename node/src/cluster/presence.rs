@@ -1,6 +1,6 @@
 //! Where users are connected, cluster-wide, so a leader sends a pushed event once to each
-//! node that has a recipient and holds no replica of the entity's shard (replicas push from
-//! their own apply), and nowhere else.
+//! node that has a recipient and was not a voter of the entity's shard as of the entry
+//! (voters push from their own apply), and nowhere else.
 //!
 //! Every node tells its peers when a user's first connection opens or last one closes (the
 //! full list when a session to a peer opens); a node forgets everything a peer told it
@@ -159,11 +159,11 @@ impl Pusher for Presence {
         self.hub.deliver(users, &Utf8Bytes::from(event.to_frame()), event.committed_at());
     }
 
-    fn send_to_peers(&self, users: &[UserId], event: &Event, replicas: &[NodeId]) {
+    fn send_to_peers(&self, users: &[UserId], event: &Event, voters: &[NodeId]) {
         let mut by_node: Vec<(NodeId, Vec<UserId>)> = Vec::new();
         {
             let remote = self.remote.read();
-            for (node, here) in remote.iter().filter(|(node, _)| !replicas.contains(node)) {
+            for (node, here) in remote.iter().filter(|(node, _)| !voters.contains(node)) {
                 let mine: Vec<UserId> = users.iter().filter(|u| here.contains(*u)).cloned().collect();
                 if !mine.is_empty() {
                     by_node.push((*node, mine));
@@ -188,7 +188,7 @@ impl Pusher for Presence {
         }
     }
 
-    fn peers_beyond(&self, replicas: &[NodeId]) -> bool {
-        self.remote.read().iter().any(|(node, users)| !users.is_empty() && !replicas.contains(node))
+    fn peers_beyond(&self, voters: &[NodeId]) -> bool {
+        self.remote.read().iter().any(|(node, users)| !users.is_empty() && !voters.contains(node))
     }
 }

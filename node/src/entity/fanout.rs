@@ -1,7 +1,10 @@
-//! Pushes to this node's own connections from what the shard applies here, on every
-//! replica, leader or not. Each replica applies every committed entry once and in log
+//! Pushes to this node's own connections from what the shard applies here, on every voter
+//! of the shard, leader or not. Each replica applies every committed entry once and in log
 //! order, so the devices connected to it get a group's events in seq order whichever node
-//! leads, and the leader sends an event only to the nodes that hold no replica.
+//! leads. Whether an entry is this node's to push is decided by the voters as of that
+//! entry, which every replica and the leader read alike: a voter pushes it, and the leader
+//! sends it to every other node (learners, nodes without a replica), so each node gets each
+//! event once.
 
 use std::sync::{Arc, Weak};
 
@@ -9,33 +12,35 @@ use convoy_actors::behavior;
 use tokio::sync::mpsc;
 
 use super::Pusher;
-use crate::shard::{AppliedEffects, AppliedSink, ShardData};
+use crate::shard::{AppliedEffects, AppliedSink, NodeId, ShardData};
 use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Applied batches waiting for the fan-out task, per shard. When full, pushes are dropped
 /// (counted): clients catch up with `msg.sync`.
 const QUEUE: usize = 4096;
-/// A replica catching up (after a partition, a pause, a restart or a move) applies a
-/// backlog at once; pushed, it would overflow its devices' outbound queues. Commands more
-/// than this many entries behind the commit frontier the leader reported are not pushed
-/// (counted as `stale`): the devices catch up with `msg.sync`. A replica keeping up applies
-/// within a batch or two of the frontier.
-const CATCH_UP_ENTRIES: u64 = 256;
+/// A replica catching up (after a partition, a pause or a restart) applies a backlog at
+/// once; pushed, it would overflow its devices' outbound queues. Entries more than this many
+/// behind the newest this node knows of (the commit the leader reported, or its own log) are
+/// not pushed (counted as `stale`): the devices catch up with `msg.sync`. A replica keeping
+/// up applies within a batch or two of it (`raft.max_payload_entries` is 512 at most per
+/// append).
+const CATCH_UP_ENTRIES: u64 = 1024;
 
 pub struct ReplicaFanout {
     batches: mpsc::Sender<Vec<Arc<AppliedEffects>>>,
 }
 
 impl ReplicaFanout {
-    /// Starts the shard's fan-out task; it ends when the shard's data is dropped. `frontier`
-    /// is the last log index the leader reported committed (0 when none is known).
+    /// Starts the shard's fan-out task on node `me`; it ends when the shard's data is
+    /// dropped. `frontier` is the newest log index the node knows of.
     pub fn start(
         data: &Arc<ShardData>,
         pusher: Arc<dyn Pusher>,
+        me: NodeId,
         frontier: impl Fn() -> u64 + Send + 'static,
     ) -> Arc<ReplicaFanout> {
         let (batches, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(Arc::downgrade(data), pusher, frontier, rx));
+        tokio::spawn(run(Arc::downgrade(data), pusher, me, frontier, rx));
         Arc::new(ReplicaFanout { batches })
     }
 }
@@ -51,6 +56,7 @@ impl AppliedSink for ReplicaFanout {
 async fn run(
     data: Weak<ShardData>,
     pusher: Arc<dyn Pusher>,
+    me: NodeId,
     frontier: impl Fn() -> u64,
     mut batches: mpsc::Receiver<Vec<Arc<AppliedEffects>>>,
 ) {
@@ -58,6 +64,10 @@ async fn run(
         let Some(data) = data.upgrade() else { return };
         let frontier = frontier();
         for effects in batch {
+            if !effects.voters.contains(&me) {
+                // Not a voter at this entry: the leader sends it here.
+                continue;
+            }
             if frontier.saturating_sub(effects.index) > CATCH_UP_ENTRIES {
                 metrics::counter!("convoy_pushes_dropped_total", "reason" => "stale").increment(1);
                 continue;

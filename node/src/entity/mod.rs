@@ -3,8 +3,8 @@
 //! An actor serializes its entity's requests and effects: it runs the domain's
 //! `behavior::handle` against the committed state, lets proposals and calls to other
 //! entities run as tasks of their own, and acts on what the state machine applied
-//! (pushes to nodes that hold no replica, queue offers) in log order. Pushes to this
-//! node's own connections come from every replica's apply (`fanout.rs`), leader or not.
+//! (pushes to nodes that are not voters, queue offers) in log order. Pushes to this node's
+//! own connections come from its own apply while it is a voter (`fanout.rs`), leader or not.
 //! Actors start on the first request, stop after `entity_idle`
 //! without work, and all stop at once when the node loses the shard's leadership. A
 //! supervisor removes failed actors; their queued requests are answered `unavailable`
@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use openraft::type_config::async_runtime::WatchReceiver;
 
-use crate::shard::{AppliedEffects, AppliedSink, Raft, RaftGroupId, ShardData};
+use crate::shard::{AppliedEffects, AppliedSink, NodeId, Raft, RaftGroupId, ShardData};
 use crate::telemetry::trace::{self, TARGET as TRACE};
 
 /// Bounds on entity actors, from the configuration.
@@ -128,10 +128,15 @@ impl EntityHost {
 
     /// Binds the host to its shard's data (once, when the shard starts), and this node's
     /// connections to what the shard applies.
-    pub fn attach(&self, data: Arc<ShardData>, raft: &Raft) {
-        let raft = raft.clone();
-        let frontier = move || raft.data_metrics().borrow_watched().cluster_committed.map_or(0, |l| l.index());
-        data.set_fanout(fanout::ReplicaFanout::start(&data, self.runtime.pusher(), frontier));
+    pub fn attach(&self, data: Arc<ShardData>, me: NodeId, raft: &Raft) {
+        // The newest entry this node knows of: the commit the leader reported, or its own log
+        // (after a restart the former is unknown until the leader speaks).
+        let metrics = raft.data_metrics();
+        let frontier = move || {
+            let m = metrics.borrow_watched();
+            m.cluster_committed.max(m.last_log).map_or(0, |l| l.index())
+        };
+        data.set_fanout(fanout::ReplicaFanout::start(&data, self.runtime.pusher(), me, frontier));
         let _ = self.data.set(data);
     }
 
@@ -198,7 +203,7 @@ impl EntityHost {
         let args = EntityArgs {
             key: key.clone(),
             data: self.data().clone(),
-            runtime: self.runtime.for_shard(self.data().clone()),
+            runtime: self.runtime.clone(),
             queued: queued.clone(),
         };
         let supervisor = self.supervisor.get().expect("set at construction").get_cell();
@@ -296,13 +301,23 @@ impl EntityHost {
 
 impl AppliedSink for EntityHost {
     fn applied(&self, effects: Vec<Arc<AppliedEffects>>) {
-        // The replicas push to their own connections; the actors send to the other nodes,
+        // The voters push to their own connections; the actors send to the other nodes,
         // when one of them has users connected, and act for the entities that act.
-        let remote = self.runtime.pusher().peers_beyond(&self.data().replicas());
+        let pusher = self.runtime.pusher();
+        let mut remote: Option<(Arc<[NodeId]>, bool)> = None;
         let effects: Vec<(Arc<AppliedEffects>, Pushes)> = effects
             .into_iter()
             .map(|e| {
-                let pushes = if remote { e.pushes } else { Pushes::Skip };
+                // The voters change only with membership: asked once per set.
+                let beyond = match &remote {
+                    Some((voters, beyond)) if Arc::ptr_eq(voters, &e.voters) => *beyond,
+                    _ => {
+                        let beyond = pusher.peers_beyond(&e.voters);
+                        remote = Some((e.voters.clone(), beyond));
+                        beyond
+                    }
+                };
+                let pushes = if beyond { e.pushes } else { Pushes::Skip };
                 (e, pushes)
             })
             .filter(|(e, pushes)| *pushes == Pushes::Send || behavior::acts_on_applied(&e.key))
@@ -319,7 +334,7 @@ impl AppliedSink for EntityHost {
 
 /// Hands applied effects to actors in log order, starting actors that are not active
 /// (entries committed by a previous leader and applied here since this node leads still get
-/// sent to the nodes without a replica).
+/// sent to the nodes that are not voters).
 async fn dispatch_effects(host: Weak<EntityHost>, mut rx: mpsc::Receiver<Vec<(Arc<AppliedEffects>, Pushes)>>) {
     while let Some(batch) = rx.recv().await {
         let Some(host) = host.upgrade() else { return };
@@ -386,7 +401,7 @@ impl Actor for EntityActor {
                         &effects.appended,
                         &effects.notices,
                         pushes,
-                        &s.runtime,
+                        &s.runtime.with_voters(effects.voters.clone()),
                     )
                 });
             }

@@ -1,7 +1,7 @@
 //! The runtime as the domain sees it (`convoy_actors::behavior::Runtime`): proposals,
 //! requests and queries go through the router to wherever the entity's leader is; pushes
-//! go to the nodes where the users are connected and that hold no replica of the shard
-//! (the replicas push from their own apply, `fanout.rs`).
+//! go to the nodes where the users are connected and that were not voters of the shard as
+//! of the entry (the voters push from their own apply, `fanout.rs`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,26 +13,27 @@ use convoy_actors::outbox::Webhook;
 use convoy_actors::{EntityKey, Timestamp};
 
 use crate::router::Router;
-use crate::shard::{NodeId, ShardData};
+use crate::shard::NodeId;
 use crate::webhook::WebhookSender;
 
 /// Delivers events to the connected devices of users.
 pub trait Pusher: Send + Sync + 'static {
     /// To this node's connections of `users`.
     fn deliver_here(&self, users: &[UserId], event: &Event);
-    /// To the other nodes where some of `users` are connected, except `replicas`, which
+    /// To the other nodes where some of `users` are connected, except `voters`, which
     /// deliver it themselves.
-    fn send_to_peers(&self, users: &[UserId], event: &Event, replicas: &[NodeId]);
-    /// Whether a node outside `replicas` (and not this one) has users connected, so that a
+    fn send_to_peers(&self, users: &[UserId], event: &Event, voters: &[NodeId]);
+    /// Whether a node outside `voters` (and not this one) has users connected, so that a
     /// leader has pushes to send at all.
-    fn peers_beyond(&self, replicas: &[NodeId]) -> bool;
+    fn peers_beyond(&self, voters: &[NodeId]) -> bool;
 }
 
 #[derive(Clone)]
 pub struct NodeRuntime {
     inner: Arc<Inner>,
-    /// The shard whose entities use this runtime: its replicas need no pushes from them.
-    shard: Option<Arc<ShardData>>,
+    /// The nodes that push the events at hand themselves (the voters as of the applied
+    /// entry): pushes go to the other nodes only.
+    voters: Arc<[NodeId]>,
 }
 
 struct Inner {
@@ -44,20 +45,19 @@ struct Inner {
 
 impl NodeRuntime {
     pub fn new(config: DomainConfig, pusher: Arc<dyn Pusher>, webhooks: WebhookSender) -> NodeRuntime {
-        NodeRuntime { inner: Arc::new(Inner { config, router: OnceLock::new(), pusher, webhooks }), shard: None }
+        NodeRuntime {
+            inner: Arc::new(Inner { config, router: OnceLock::new(), pusher, webhooks }),
+            voters: Arc::from([]),
+        }
     }
 
-    /// This runtime, for the entities of the shard `data` belongs to.
-    pub fn for_shard(&self, data: Arc<ShardData>) -> NodeRuntime {
-        NodeRuntime { inner: self.inner.clone(), shard: Some(data) }
+    /// This runtime, for pushing the events of an entry whose voters were `voters`.
+    pub fn with_voters(&self, voters: Arc<[NodeId]>) -> NodeRuntime {
+        NodeRuntime { inner: self.inner.clone(), voters }
     }
 
     pub fn pusher(&self) -> Arc<dyn Pusher> {
         self.inner.pusher.clone()
-    }
-
-    fn replicas(&self) -> Arc<[NodeId]> {
-        self.shard.as_ref().map_or_else(|| Arc::from([]), |s| s.replicas())
     }
 
     /// The router exists after the shard hosts, which need this runtime: bind it once.
@@ -98,7 +98,7 @@ impl Runtime for NodeRuntime {
         if users.is_empty() {
             return;
         }
-        self.inner.pusher.send_to_peers(users, event, &self.replicas());
+        self.inner.pusher.send_to_peers(users, event, &self.voters);
     }
 
     fn spawn(&self, task: ReplyFuture) {

@@ -1,5 +1,5 @@
 //! What a group's state machine shares with the rest of the node: committed entity
-//! states (cached, bounded), stored entries, the timer index, the replica set, and the
+//! states (cached, bounded), stored entries, the timer index, and the
 //! hooks that hand applied effects to this node's connections and the leader's entity actors.
 
 use std::collections::{BTreeSet, HashMap};
@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 
 use super::idempotency::IdempotencyFilter;
 use super::state_machine::{AppliedEffects, AppliedSink};
-use super::{IdempotencyRecord, NodeId, RaftGroupId, StoredMembership};
+use super::{IdempotencyRecord, RaftGroupId};
 use crate::cluster::meta::ClusterState;
 use crate::store::{Store, StoreError, codec, keys};
 
@@ -54,10 +54,8 @@ pub struct ShardData {
     timers_changed: Notify,
     /// The leader's entity actors, while this node serves the shard.
     sink: RwLock<Option<Arc<dyn AppliedSink>>>,
-    /// This node's connections: every replica pushes what it applies to its own clients.
+    /// This node's connections: every voter pushes what it applies to its own clients.
     fanout: OnceLock<Arc<dyn AppliedSink>>,
-    /// The nodes that hold a replica of the shard (voters and learners), as applied here.
-    replicas: RwLock<Arc<[NodeId]>>,
     idempotency: Arc<IdempotencyFilter>,
     /// The scan filling `idempotency`, if one was started.
     scan: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -91,7 +89,6 @@ impl ShardData {
             timers_changed: Notify::new(),
             sink: RwLock::new(None),
             fanout: OnceLock::new(),
-            replicas: RwLock::new(Arc::from([])),
             idempotency: Arc::new(IdempotencyFilter::new(group)),
             scan: Mutex::new(None),
         }
@@ -257,17 +254,6 @@ impl ShardData {
     /// Where this node's own connections get what the shard applies (once, at start).
     pub fn set_fanout(&self, fanout: Arc<dyn AppliedSink>) {
         let _ = self.fanout.set(fanout);
-    }
-
-    /// The nodes that hold a replica of the shard, as of the last applied membership. They
-    /// push to their own connections; the leader sends pushes only to the other nodes.
-    pub fn replicas(&self) -> Arc<[NodeId]> {
-        self.replicas.read().clone()
-    }
-
-    pub(super) fn set_replicas(&self, membership: &StoredMembership) {
-        let nodes: Arc<[NodeId]> = membership.membership().nodes().map(|(id, _)| *id).collect();
-        *self.replicas.write() = nodes;
     }
 
     pub(super) fn deliver(&self, effects: Vec<AppliedEffects>) {

@@ -133,7 +133,7 @@ impl ShardHost {
             .await
             .map_err(|e| ShardError::Raft(e.to_string()))?;
         let (tx, rx) = watch::channel(Leadership::Following { leader: None });
-        entities.attach(data.clone(), &raft);
+        entities.attach(data.clone(), node, &raft);
         let watcher = tokio::spawn(watch_leadership(group, node, raft.clone(), data.clone(), entities.clone(), tx));
         Ok(Arc::new(ShardHost {
             group,

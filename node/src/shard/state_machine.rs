@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::ShardData;
 use super::{
-    ApplyResult, IdempotencyRecord, LogId, RaftGroupId, RaftRequest, RequestOrigin, SnapshotMeta, StoredMembership,
-    TypeConfig,
+    ApplyResult, IdempotencyRecord, LogId, NodeId, RaftGroupId, RaftRequest, RequestOrigin, SnapshotMeta,
+    StoredMembership, TypeConfig,
 };
 use crate::cluster::meta::ClusterState;
 use crate::store::{Durability, Store, StoreError, WriteBatch, codec, keys};
@@ -79,6 +79,9 @@ pub struct AppliedEffects {
     pub key: EntityKey,
     /// The command's log index.
     pub index: u64,
+    /// The shard's voters as of this entry: each pushes it to its own connections; the
+    /// leader sends it to the other nodes. Every replica sees the same set at the same index.
+    pub voters: Arc<[NodeId]>,
     pub appended: Vec<LogEntry>,
     pub notices: Vec<Notice>,
     /// `Skip` when applied before this node served the shard, and visible only after.
@@ -123,6 +126,12 @@ pub struct ShardStateMachine {
     rewrites: Arc<tokio::sync::RwLock<()>>,
     /// `convoy_apply_batch_entries{group}`, registered once (not looked up per batch).
     batch_entries: metrics::Histogram,
+    /// The voters of `meta.membership`, stamped on every applied effect.
+    voters: Arc<[NodeId]>,
+}
+
+fn voters_of(membership: &StoredMembership) -> Arc<[NodeId]> {
+    membership.membership().voter_ids().collect()
 }
 
 impl ShardStateMachine {
@@ -136,7 +145,6 @@ impl ShardStateMachine {
         let current = CurrentSnapshot::open(snapshot_root.join(group.to_string()))?;
         data.reload_timers()?;
         data.reload_cluster()?;
-        data.set_replicas(&meta.membership);
         data.scan_idempotency_records();
         // What the store holds is what readers see.
         data.made_visible(meta.last_applied.map_or(0, |l| l.index()));
@@ -144,6 +152,7 @@ impl ShardStateMachine {
             group,
             store,
             data,
+            voters: voters_of(&meta.membership),
             meta,
             unwritten: Arc::default(),
             batches: 0,
@@ -331,7 +340,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 EntryPayload::Blank => ApplyResult::Nothing,
                 EntryPayload::Membership(m) => {
                     self.meta.membership = StoredMembership::new(Some(log_id), m);
-                    self.data.set_replicas(&self.meta.membership);
+                    self.voters = voters_of(&self.meta.membership);
                     ApplyResult::Nothing
                 }
                 EntryPayload::Normal(RaftRequest::Meta(cmd)) => {
@@ -411,6 +420,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         effects.push(AppliedEffects {
                             key: c.key,
                             index: log_id.index(),
+                            voters: self.voters.clone(),
                             appended: outcome.appended,
                             notices: outcome.notices,
                             pushes,
@@ -588,7 +598,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         }
         self.meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         batch.put(keys::applied(self.group), codec::encode(&self.meta));
-        self.data.set_replicas(&self.meta.membership);
+        self.voters = voters_of(&self.meta.membership);
         self.data.replacing();
         self.store.writer().write(batch, Durability::Durable).await?;
         self.data.reset()?;
