@@ -139,8 +139,6 @@ impl Requests {
         use convoy_actors::ops::{self, Route};
         use convoy_node::shard::{EntityCommand, RaftRequest};
         use openraft::entry::RaftEntry;
-        use openraft::storage::RaftStateMachine;
-        use openraft::testing::log_id;
 
         let fields = fields.as_object().expect("an object").clone();
         let Route::Actor { key, request } =
@@ -152,30 +150,36 @@ impl Requests {
             Request::Group(c) => Command::Group(c),
             other => panic!("{op} gave {other:?}"),
         };
-        self.index += 1;
-        let entry = convoy_node::shard::Entry::new_normal(
-            log_id::<TypeConfig>(1, 1, self.index),
-            RaftRequest::Entity(Box::new(EntityCommand {
-                key,
-                cmd,
-                at: Timestamp(self.index),
-                traceparent: None,
-                origin: None,
-            })),
-        );
-        sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
+        let at = Timestamp(self.index + 1);
+        self.apply_next(sm, |id| {
+            convoy_node::shard::Entry::new_normal(
+                id,
+                RaftRequest::Entity(Box::new(EntityCommand { key, cmd, at, traceparent: None, origin: None })),
+            )
+        })
+        .await;
     }
 
     /// Applies a membership of `voters` as the next log entry.
     async fn membership(&mut self, sm: &mut ShardStateMachine, voters: &[u64]) {
         use openraft::entry::RaftEntry;
+
+        let voters: std::collections::BTreeSet<u64> = voters.iter().copied().collect();
+        let m = openraft::Membership::new_with_defaults(vec![voters], []);
+        self.apply_next(sm, |id| convoy_node::shard::Entry::new_membership(id, m)).await;
+    }
+
+    /// Applies the entry `entry` builds with the next log id.
+    async fn apply_next(
+        &mut self,
+        sm: &mut ShardStateMachine,
+        entry: impl FnOnce(convoy_node::shard::LogId) -> convoy_node::shard::Entry,
+    ) {
         use openraft::storage::RaftStateMachine;
         use openraft::testing::log_id;
 
         self.index += 1;
-        let voters: std::collections::BTreeSet<u64> = voters.iter().copied().collect();
-        let m = openraft::Membership::new_with_defaults(vec![voters], []);
-        let entry = convoy_node::shard::Entry::new_membership(log_id::<TypeConfig>(1, 1, self.index), m);
+        let entry = entry(log_id::<TypeConfig>(1, 1, self.index));
         sm.apply(futures::stream::iter([Ok((entry, None))])).await.expect("apply");
     }
 
@@ -429,16 +433,23 @@ async fn pushed_once(devices: &Devices, wanted: usize) -> Vec<String> {
     pushed()
 }
 
+/// A state machine whose applies reach node `me`'s devices through its fan-out, with
+/// `frontier` as the newest index the node knows of.
+async fn fanout_of(dir: &std::path::Path, me: u64, frontier: u64) -> (Store, ShardStateMachine, Arc<Devices>) {
+    let Opened { store, sm, data, .. } = open_state_machine_with(dir, RaftGroupId(3), NO_STAGING).await;
+    let devices = Arc::new(Devices::default());
+    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), me, move || frontier));
+    (store, sm, devices)
+}
+
 /// A voter pushes to its own devices what it applies, but not a backlog it catches up on
 /// (entries far behind the newest it knows of): that would overflow their queues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_voter_pushes_what_it_applies_but_not_a_backlog_it_catches_up_on() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
-    let devices = Arc::new(Devices::default());
     // Node 1 knows of index 1029: what is more than 1024 entries behind it (indexes 1 to 4:
     // the membership, the open and the first two sends) is a backlog.
-    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), 1, || 1029));
+    let (store, mut sm, devices) = fanout_of(dir.path(), 1, 1029).await;
     let mut requests = Requests::new();
     requests.membership(&mut sm, &[1]).await;
     requests.open_group(&mut sm, "g-1").await;
@@ -459,9 +470,7 @@ async fn a_voter_pushes_what_it_applies_but_not_a_backlog_it_catches_up_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_pushes_only_the_entries_it_applies_as_a_voter() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let Opened { store, mut sm, data, .. } = open_state_machine_with(dir.path(), RaftGroupId(3), NO_STAGING).await;
-    let devices = Arc::new(Devices::default());
-    data.set_fanout(convoy_node::entity::ReplicaFanout::start(&data, devices.clone(), 2, || 0));
+    let (store, mut sm, devices) = fanout_of(dir.path(), 2, 0).await;
     let mut requests = Requests::new();
     requests.membership(&mut sm, &[1]).await;
     requests.open_group(&mut sm, "g-1").await;

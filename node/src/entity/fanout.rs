@@ -80,11 +80,7 @@ async fn run(
                     continue;
                 }
             };
-            let span = trace::continued(
-                effects.traceparent.as_deref(),
-                || tracing::info_span!(target: TRACE, "fanout", entity = %effects.key, trace_id = tracing::field::Empty),
-            );
-            span.in_scope(|| {
+            span(&effects).in_scope(|| {
                 behavior::for_each_event(
                     &effects.key,
                     state.as_deref(),
@@ -95,4 +91,13 @@ async fn run(
             });
         }
     }
+}
+
+/// The `fanout` span of an applied command's pushes, in the command's trace: on a voter for
+/// its own devices, on the leader for the other nodes.
+pub(super) fn span(effects: &AppliedEffects) -> tracing::Span {
+    trace::continued(
+        effects.traceparent.as_deref(),
+        || tracing::info_span!(target: TRACE, "fanout", entity = %effects.key, trace_id = tracing::field::Empty),
+    )
 }

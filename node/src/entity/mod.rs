@@ -304,20 +304,10 @@ impl AppliedSink for EntityHost {
         // The voters push to their own connections; the actors send to the other nodes,
         // when one of them has users connected, and act for the entities that act.
         let pusher = self.runtime.pusher();
-        let mut remote: Option<(Arc<[NodeId]>, bool)> = None;
         let effects: Vec<(Arc<AppliedEffects>, Pushes)> = effects
             .into_iter()
             .map(|e| {
-                // The voters change only with membership: asked once per set.
-                let beyond = match &remote {
-                    Some((voters, beyond)) if Arc::ptr_eq(voters, &e.voters) => *beyond,
-                    _ => {
-                        let beyond = pusher.peers_beyond(&e.voters);
-                        remote = Some((e.voters.clone(), beyond));
-                        beyond
-                    }
-                };
-                let pushes = if beyond { e.pushes } else { Pushes::Skip };
+                let pushes = if pusher.peers_beyond(&e.voters) { e.pushes } else { Pushes::Skip };
                 (e, pushes)
             })
             .filter(|(e, pushes)| *pushes == Pushes::Send || behavior::acts_on_applied(&e.key))
@@ -390,11 +380,7 @@ impl Actor for EntityActor {
                 let _ = reply.send(behavior::handle(&s.key, state.as_deref(), *req, &s.runtime));
             }
             EntityMsg::Applied { effects, pushes } => {
-                let span = trace::continued(
-                    effects.traceparent.as_deref(),
-                    || tracing::info_span!(target: TRACE, "fanout", entity = %s.key, trace_id = tracing::field::Empty),
-                );
-                span.in_scope(|| {
+                fanout::span(&effects).in_scope(|| {
                     behavior::on_applied(
                         &s.key,
                         state.as_deref(),

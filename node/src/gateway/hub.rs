@@ -168,10 +168,6 @@ impl Hub {
         self.users.read().keys().cloned().collect()
     }
 
-    pub fn is_connected(&self, user: &UserId) -> bool {
-        self.users.read().contains_key(user)
-    }
-
     /// Whether any of `users` is connected here.
     pub fn any_connected(&self, users: &[UserId]) -> bool {
         let map = self.users.read();
